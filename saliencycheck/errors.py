@@ -1,0 +1,25 @@
+"""The project's exception types; each carries the process exit code the CLI uses."""
+
+from __future__ import annotations
+
+
+class SaliencyCheckError(Exception):
+    """Base class: a problem the user can fix, reported as one line, never a traceback."""
+
+    exit_code: int = 2
+
+
+class ConfigError(SaliencyCheckError):
+    """The config file is missing, unparsable or invalid (names the file and YAML path)."""
+
+
+class DataError(SaliencyCheckError):
+    """Images, labels or listing files cannot be found or read."""
+
+
+class ModelError(SaliencyCheckError):
+    """The model cannot be built, its weights cannot be loaded, or a named layer is missing."""
+
+
+class MethodError(SaliencyCheckError):
+    """An attribution method cannot be applied to this model (e.g. no ReLU to modify)."""
