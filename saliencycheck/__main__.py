@@ -1,0 +1,5 @@
+"""`python -m saliencycheck` runs the command line."""
+
+from saliencycheck.cli import main
+
+main()

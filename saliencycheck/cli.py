@@ -1,0 +1,170 @@
+"""The `saliencycheck` command line: thin Typer wrappers over the runner.
+
+The only module that prints or chooses exit codes: 0 success, 1 a configured check failed,
+2 bad usage / config / input (one line, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from saliencycheck.config import load_config
+from saliencycheck.errors import SaliencyCheckError
+
+app = typer.Typer(
+    help="Sanity checks for saliency maps (Adebayo et al. 2018) from one YAML config.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+]
+
+
+def fail(exc: SaliencyCheckError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=exc.exit_code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(config: ConfigArg, overrides: SetOption = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o",
+                          help="Output folder (overrides output.dir).")] = None) -> None:
+    """Run the configured sanity checks and write reports and figures."""
+    from saliencycheck.runner import prepare, run_check
+
+    if output is not None:
+        overrides = [*(overrides or []), f"output.dir={output.resolve()}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        warnings.showwarning = _show_warning
+        try:
+            loaded = load_config(config, overrides)
+            with console.status("loading model and images"):
+                setup = prepare(loaded)
+            err_console.print(
+                f"model {loaded.config.model.name} ({setup.weights_source}) on {setup.device}; "
+                f"{len(setup.images)} images; methods {', '.join(m.label for m in setup.methods)}; "
+                + "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items()),
+                highlight=False)
+            for skipped in setup.skipped:
+                err_console.print(f"[yellow]warning:[/] skipped image {skipped.path}: "
+                                  f"{skipped.reason}", highlight=False)
+            with _progress() as bar:
+                task = bar.add_task("running", total=None)
+
+                def advance(steps: int, total: int, text: str) -> None:
+                    bar.update(task, advance=steps, total=total, description=text)
+
+                result = run_check(setup, progress=advance)
+        except SaliencyCheckError as exc:
+            raise fail(exc) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted:[/] finished work units are saved and the "
+                              "reports were written from them")
+            raise typer.Exit(code=130) from None
+    _print_summary(result)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}", table_column=None), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+                    transient=False)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
+
+
+def _print_summary(result) -> None:  # noqa: ANN001
+    metrics = sorted({s.metric for s in result.summary}, key=lambda m: (m != "spearman_abs", m))
+    for test, final in result.final_stage.items():
+        table = Table(title=f"{test}: similarity to the trained model's maps at the final stage "
+                            f"({final}), mean over images", title_justify="left")
+        table.add_column("method")
+        for metric in metrics:
+            table.add_column(metric, justify="right")
+        rows = {(s.method, s.metric): s for s in result.summary
+                if s.test == test and s.stage_index == final}
+        for method in dict.fromkeys(s.method for s in result.summary if s.test == test):
+            table.add_row(method, *[_fmt(rows[(method, m)].mean) if (method, m) in rows else "-"
+                                    for m in metrics])
+        console.print(table)
+    console.print(f"outputs in {result.output_dir} (report.csv, summary.csv, stages.csv, "
+                  f"figures/, run.json); compute {result.timings.get('compute_s', 0):.1f} s",
+                  highlight=False)
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: SetOption = None) -> None:
+    """Check a config without running: schema, model build and weights, layers, images."""
+    from saliencycheck.runner import prepare
+
+    try:
+        loaded = load_config(config, overrides)
+        setup = prepare(loaded)
+    except SaliencyCheckError as exc:
+        raise fail(exc) from None
+    stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
+    console.print(f"{config}: valid. {loaded.config.model.name} ({setup.weights_source}), "
+                  f"{len(setup.images)} images ({len(setup.skipped)} unreadable), "
+                  f"{len(setup.methods)} methods, {stages}.", highlight=False)
+
+
+@app.command()
+def init(path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path(
+             "saliencycheck.yaml"),
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False
+         ) -> None:
+    """Write a fully commented starter config."""
+    from saliencycheck.starter import starter_config
+
+    if path.exists() and not force:
+        err_console.print(f"[bold red]error:[/] {path} exists; use --force to overwrite")
+        raise typer.Exit(code=2)
+    path.write_text(starter_config(), encoding="utf-8")
+    console.print(f"wrote {path}; edit it, then `saliencycheck validate {path}`", highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the attribution methods and their parameters."""
+    from saliencycheck.methods import available_methods
+
+    table = Table(title="attribution methods")
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("parameters (default)")
+    for spec in available_methods():
+        params = "\n".join(
+            f"{name} ({'required' if info.is_required() else info.default!r}): {info.description}"
+            for name, info in spec.params.model_fields.items())
+        table.add_row(spec.name, spec.description, params or "-")
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

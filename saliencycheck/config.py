@@ -1,0 +1,291 @@
+"""The run configuration: one pydantic model per YAML section, validated before anything runs.
+
+This module imports no torch, so `saliencycheck validate` and `init` start fast and config
+errors surface before a model is built. Every field carries a description: `saliencycheck init`
+and the README reference are generated from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from saliencycheck.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "resnet18",
+        description="A torchvision.models builder name, e.g. resnet50, vgg16, inception_v3.",
+    )
+    weights: str | None = Field(
+        None,
+        description=(
+            "A torchvision weights name for the builder (DEFAULT, IMAGENET1K_V1, ...), or a path "
+            "to a local checkpoint: a state_dict, or a dict holding one under 'state_dict' or "
+            "'model' ('module.' prefixes are stripped; loaded with weights_only=True). "
+            "Empty: random initialisation (only useful for testing)."
+        ),
+    )
+    num_classes: int | None = Field(
+        None, ge=1, description="Number of output classes; default: the builder's (1000)."
+    )
+    factory: str | None = Field(
+        None,
+        description=(
+            "Optional 'package.module:function' returning an nn.Module, for a custom model. "
+            "Called with factory_kwargs (and num_classes when set). Code runs only because you "
+            "name it here."
+        ),
+    )
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the factory."
+    )
+
+
+class ImagesConfig(Section):
+    path: str = Field(
+        "sample_images/digits",
+        description=(
+            "A folder (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp), a glob "
+            "pattern, or a text file listing one image path per line. Relative paths are "
+            "resolved against the config file's folder."
+        ),
+    )
+    size: int | None = Field(
+        None,
+        ge=8,
+        description=(
+            "Images are resized (shorter side) and centre-cropped to size x size. Default: the "
+            "named torchvision weights' own preprocessing, else 224."
+        ),
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None,
+        description="Per-channel normalisation mean. Default: the weights' own, else ImageNet's.",
+    )
+    std: tuple[float, float, float] | None = Field(
+        None,
+        description="Per-channel normalisation std. Default: the weights' own, else ImageNet's.",
+    )
+    target: Union[Literal["predicted", "label"], Annotated[int, Field(ge=0)]] = Field(
+        "predicted",
+        description=(
+            "The class each map explains: 'predicted' (the trained model's top class), 'label' "
+            "(from the labels CSV), or one class index for every image."
+        ),
+    )
+    labels: str | None = Field(
+        None,
+        description="CSV with columns 'image,label' (file name or path relative to images.path).",
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many images (sorted).")
+
+
+class MethodEntry(Section):
+    """One attribution method with its parameters (validated against the method's own schema)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(description="A registered method name (see `saliencycheck methods`).")
+    label: str | None = Field(
+        None, description="Name used in reports; default the method name (must be unique)."
+    )
+
+
+class CascadingConfig(Section):
+    enabled: bool = Field(True, description="Run cascading model-parameter randomization.")
+    granularity: Literal["block", "layer"] = Field(
+        "block",
+        description=(
+            "'block': the model's top-level children, containers expanded one level "
+            "(Inception-v3 gives the paper's 17 blocks); 'layer': every module with parameters."
+        ),
+    )
+    order: Literal["top_down", "bottom_up"] = Field(
+        "top_down", description="Randomize from the logits toward the input, or the reverse."
+    )
+
+
+class IndependentConfig(Section):
+    enabled: bool = Field(False, description="Run independent (one block at a time) randomization.")
+    granularity: Literal["block", "layer"] = Field("block", description="As for cascading.")
+    order: Literal["top_down", "bottom_up"] = Field("top_down", description="Order of stages.")
+
+
+class TestsConfig(Section):
+    cascading: CascadingConfig = Field(default_factory=CascadingConfig, description="Cascading test.")
+    independent: IndependentConfig = Field(
+        default_factory=IndependentConfig, description="Independent test."
+    )
+    init: Literal["reset", "normal", "shuffle"] = Field(
+        "reset",
+        description=(
+            "How randomized parameters are drawn: 'reset' (each module's own initializer), "
+            "'normal' (truncated normal with init_std), 'shuffle' (permute trained values)."
+        ),
+    )
+    init_std: float = Field(0.1, gt=0, description="Standard deviation for init: normal.")
+    reset_running_stats: bool = Field(
+        False, description="Also reset BatchNorm running statistics of randomized blocks."
+    )
+    target_on_randomized: Literal["original", "recompute"] = Field(
+        "original",
+        description=(
+            "Class explained on randomized models: the trained model's ('original', as Quantus) "
+            "or the randomized model's own top class ('recompute', as the paper's code)."
+        ),
+    )
+
+
+METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
+
+
+class PostprocessConfig(Section):
+    abs_reduction: Literal["sum_abs", "abs_sum", "max_abs"] = Field(
+        "sum_abs",
+        description="Channel reduction of the absolute map (original recipe: sum of |map|).",
+    )
+    signed_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="Channel reduction of the signed (diverging) map."
+    )
+    percentile: float = Field(
+        99.0, gt=0, le=100, description="Percentile used to scale and clip maps (original: 99)."
+    )
+
+
+class RuntimeConfig(Section):
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'.")
+    batch_size: int = Field(
+        16, ge=1, description="Images per work unit; their passes are batched together."
+    )
+    chunk_size: int = Field(
+        128,
+        ge=1,
+        description="Max rows (images x integration steps x noise samples) per forward/backward.",
+    )
+    seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/latest", description="Output folder (relative to the config file).")
+    figures: bool = Field(True, description="Write PNG figures.")
+    figure_images: int = Field(
+        4, ge=0, description="How many images get per-image stage grids (the first ones)."
+    )
+    save_maps: bool = Field(
+        False, description="Save raw maps as maps/<image>.npz (keys test/method/stage_index)."
+    )
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model under test.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="Input images.")
+    methods: list[str | MethodEntry] = Field(
+        default_factory=lambda: ["gradient", "guided_backprop"],
+        min_length=1,
+        description="Attribution methods: names, or {name: ..., <params>} entries.",
+    )
+    tests: TestsConfig = Field(default_factory=TestsConfig, description="Sanity checks to run.")
+    metrics: list[Literal["spearman_abs", "spearman", "ssim", "hog", "pearson"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES),
+        min_length=1,
+        description="Similarity metrics between the trained and randomized models' maps.",
+    )
+    postprocess: PostprocessConfig = Field(
+        default_factory=PostprocessConfig, description="Map normalisation before comparison."
+    )
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and batching.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="What is written where.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_metrics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each metric may be listed once")
+        return value
+
+
+class LoadedConfig(BaseModel):
+    """A validated config together with the file it came from (paths resolve against it)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    config: Config
+    source: Path
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path from the config relative to the config file's folder."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (self.source.parent / candidate)
+
+
+def format_location(loc: tuple[Any, ...]) -> str:
+    """Render a pydantic error location as a YAML path: methods[1].steps, tests.cascading.order."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("str", "MethodEntry", "int", "literal['predicted','label']"):
+            continue  # union branch names add nothing for the user
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
+    """Validate a mapping into a `Config`; raise `ConfigError` naming file and YAML path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of sections")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = format_location(tuple(first["loc"]))
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
+    """Read, override (`section.key=value`) and validate a YAML config file."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"{source}: config file not found; create one with `saliencycheck init`")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read the config file ({exc})") from None
+    data = apply_overrides(data if data is not None else {}, overrides or [], source=source)
+    return LoadedConfig(config=parse_config(data, source=source), source=source.resolve())
+
+
+def apply_overrides(data: Any, overrides: list[str], *, source: str | Path) -> Any:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a config mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. runtime.device=cpu")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data

@@ -1,0 +1,301 @@
+"""Similarity between a reference model's maps and a candidate (randomized) model's maps.
+
+The metrics of Adebayo et al. (2018, arXiv:1810.03292) and their code: Spearman rank
+correlation of the absolute and of the signed maps, Pearson correlation, SSIM and HOG
+similarity. Every metric takes two batches of postprocessed maps, ``a`` (reference) and ``b``
+(candidate), of the same shape (B, H, W) or (B, n), and returns :class:`Scores` with one value
+per pair, computed on the maps' device (HOG descriptors alone are computed on the CPU).
+
+An undefined score (a constant map has no rank correlation) is NaN with a reason, never an
+exception and never a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.feature import hog
+from torch import Tensor
+
+from saliencycheck.errors import ConfigError
+from saliencycheck.postprocess import PostprocessOptions, View, views
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """One similarity value per map pair, ``values`` (B,), and why a value is NaN.
+
+    ``reasons[i]`` is ``""`` where ``values[i]`` is defined, otherwise a short text such as
+    ``"constant map (reference)"``.
+    """
+
+    values: Tensor
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric: ``fn(a, b) -> Scores`` reads the postprocessed ``view`` of the maps."""
+
+    name: str
+    fn: Callable[[Tensor, Tensor], Scores]
+    view: View
+    description: str
+    higher_is_similar: bool = True
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(
+    name: str, *, view: View, description: str, higher_is_similar: bool = True
+) -> Callable[[Callable[[Tensor, Tensor], Scores]], Callable[[Tensor, Tensor], Scores]]:
+    """Decorator: add ``fn`` to :data:`METRICS` under ``name``, reading ``view``."""
+
+    def decorator(fn: Callable[[Tensor, Tensor], Scores]) -> Callable[[Tensor, Tensor], Scores]:
+        METRICS[name] = MetricSpec(name, fn, view, description, higher_is_similar)
+        return fn
+
+    return decorator
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The registered metric called ``name``; :class:`ConfigError` naming the valid ones if none."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ConfigError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}") from None
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for accuracy, except on Apple's MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Check two (B, ...) batches match and flatten them to (B, n) in the working dtype."""
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(
+            f"expected two batches of maps of one shape (B, ...), got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
+    dtype = _work_dtype(a.device)
+    return a.flatten(start_dim=1).to(dtype), b.flatten(start_dim=1).to(dtype)
+
+
+def _side_reasons(bad_a: Tensor, bad_b: Tensor, what: str) -> list[str]:
+    """Per pair ``what`` plus which side is affected, or ``""`` where neither is."""
+    sides = {
+        (True, False): f"{what} (reference)",
+        (False, True): f"{what} (candidate)",
+        (True, True): f"{what} (reference and candidate)",
+        (False, False): "",
+    }
+    return [sides[pair] for pair in zip(bad_a.tolist(), bad_b.tolist())]
+
+
+def _undefined(
+    a: Tensor, b: Tensor, *, noun: str, constant_too: bool
+) -> tuple[Tensor, tuple[str, ...]]:
+    """Mask (B,) of pairs whose score is undefined, and the reasons, for flat (B, n) batches.
+
+    Non-finite values always make a score undefined; a constant ``noun`` does so only for
+    correlations (``constant_too``).
+    """
+    nonfinite = _side_reasons(
+        ~a.isfinite().all(dim=1), ~b.isfinite().all(dim=1), f"non-finite values in {noun}"
+    )
+    if constant_too:
+        constant = _side_reasons(
+            a.amax(dim=1) == a.amin(dim=1), b.amax(dim=1) == b.amin(dim=1), f"constant {noun}"
+        )
+    else:
+        constant = [""] * len(nonfinite)
+    reasons = tuple(first or second for first, second in zip(nonfinite, constant))
+    mask = torch.tensor([bool(reason) for reason in reasons], dtype=torch.bool, device=a.device)
+    return mask, reasons
+
+
+def _pearson_flat(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of each row of two (B, n) batches, clipped to [-1, 1]."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    r = (a * b).sum(dim=1) / ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt()
+    return r.clamp(-1.0, 1.0)
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of each row of (B, n) ``x``, ties sharing their average rank, -> (B, n).
+
+    Equals ``scipy.stats.rankdata(row, method="average")`` per row, without a loop over rows:
+    in sorted order a tie group spans positions [start, end], found with a running max of the
+    group starts (forward) and a running min of the group ends (backward).
+    """
+    n = x.shape[1]
+    ordered, order = x.sort(dim=1)
+    position = torch.arange(n, device=x.device).expand_as(ordered)
+    differs = ordered[:, 1:] != ordered[:, :-1]
+    edge = torch.ones_like(differs[:, :1])
+    is_start = torch.cat([edge, differs], dim=1)
+    is_end = torch.cat([differs, edge], dim=1)
+    start = torch.where(is_start, position, 0).cummax(dim=1).values
+    end = torch.where(is_end, position, n).flip(1).cummin(dim=1).values.flip(1)
+    average = (start + end).to(x.dtype) / 2 + 1
+    return torch.empty_like(average).scatter_(1, order, average)
+
+
+def _correlation(a: Tensor, b: Tensor, *, rank: bool, noun: str = "map") -> Scores:
+    """Pearson (or, with ``rank``, Spearman) correlation per pair with NaN reasons."""
+    a, b = _flat_pair(a, b)
+    mask, reasons = _undefined(a, b, noun=noun, constant_too=True)
+    if rank:
+        a, b = average_ranks(a), average_ranks(b)
+    values = _pearson_flat(a, b).masked_fill(mask, float("nan"))
+    return Scores(values, reasons)
+
+
+@register_metric(
+    "spearman",
+    view="signed",
+    description="Spearman rank correlation of the signed maps (the paper's 'no ABS').",
+)
+@register_metric(
+    "spearman_abs",
+    view="absolute",
+    description="Spearman rank correlation of the absolute maps (the paper's 'ABS').",
+)
+def spearman(a: Tensor, b: Tensor) -> Scores:
+    """Spearman rank correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
+
+    Ties get average ranks, so it equals ``scipy.stats.spearmanr``; ties are common because
+    the absolute view clips its top 1 % to 1. NaN for a constant or non-finite map.
+    """
+    return _correlation(a, b, rank=True)
+
+
+@register_metric(
+    "pearson",
+    view="absolute",
+    description="Pearson correlation of the absolute maps.",
+)
+def pearson(a: Tensor, b: Tensor) -> Scores:
+    """Pearson correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
+
+    Equals ``scipy.stats.pearsonr``; NaN for a constant or non-finite map.
+    """
+    return _correlation(a, b, rank=False)
+
+
+def _check_images(a: Tensor, b: Tensor) -> None:
+    """Check two batches of 2-D maps, (B, H, W), have one shape."""
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(
+            f"expected two batches of maps of one shape (B, H, W), got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
+
+
+def _all_undefined(a: Tensor, reason: str) -> Scores:
+    """NaN scores for the whole batch ``a`` (B, ...), all for one ``reason``."""
+    batch = a.shape[0]
+    values = torch.full((batch,), float("nan"), dtype=_work_dtype(a.device), device=a.device)
+    return Scores(values, (reason,) * batch)
+
+
+def _gaussian_window(
+    sigma: float, truncate: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Normalised 1-D Gaussian of radius ``int(truncate * sigma + 0.5)``, as scipy.ndimage's."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    return weights / weights.sum()
+
+
+@register_metric(
+    "ssim",
+    view="minmax",
+    description="Structural similarity (Gaussian window, sigma 1.5) of the min-max maps.",
+)
+def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0) -> Scores:
+    """Mean structural similarity of each pair of maps, (B, H, W) x 2 -> (B,).
+
+    Equals ``skimage.metrics.structural_similarity(a_i, b_i, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=True, data_range=data_range)`` (K1 = 0.01, K2 = 0.03,
+    Wang et al. 2004): skimage filters with an 11-tap Gaussian and then drops 5 pixels at
+    every edge, which is exactly a 'valid' separable convolution, whatever the padding.
+    The original run left ``data_range`` unset (skimage then assumed 2 for floats); maps in
+    [0, 1] call for 1. Two identical constant maps score 1. NaN for maps smaller than 11x11.
+    """
+    _check_images(a, b)
+    sigma, truncate, k1, k2 = 1.5, 3.5, 0.01, 0.03
+    dtype = _work_dtype(a.device)
+    window = _gaussian_window(sigma, truncate, dtype, a.device)
+    size = window.numel()
+    batch = a.shape[0]
+    if min(a.shape[1:]) < size:
+        return _all_undefined(a, f"map smaller than the {size}x{size} SSIM window")
+    x, y = a.to(dtype), b.to(dtype)
+    stack = torch.cat([x, y, x * x, y * y, x * y]).unsqueeze(1)
+    filtered = F.conv2d(F.conv2d(stack, window.view(1, 1, 1, -1)), window.view(1, 1, -1, 1))
+    ux, uy, uxx, uyy, uxy = filtered.squeeze(1).split(batch)
+    cov_norm = size**2 / (size**2 - 1)  # sample covariance, as skimage's default
+    vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    mask, reasons = _undefined(x.flatten(1), y.flatten(1), noun="map", constant_too=False)
+    return Scores(s.mean(dim=(1, 2)).masked_fill(mask, float("nan")), reasons)
+
+
+@register_metric(
+    "hog",
+    view="minmax",
+    description="Spearman correlation of the HOG descriptors of the min-max maps.",
+)
+def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores:
+    """Rank correlation of the HOG descriptors of each pair of maps, (B, H, W) x 2 -> (B,).
+
+    Descriptors from ``skimage.feature.hog(map, pixels_per_cell=(16, 16))`` with skimage's
+    defaults (9 orientations, 3x3 cells per block, L2-Hys), computed per map on the CPU.
+    They are compared by Spearman, as the original code did; the paper's text says Pearson.
+    NaN for maps smaller than one block (3 cells a side) or a constant descriptor.
+    """
+    _check_images(a, b)
+    block = 3 * pixels_per_cell
+    if min(a.shape[1:]) < block:
+        return _all_undefined(a, f"map smaller than one HOG block ({block}x{block})")
+
+    def descriptors(maps: Tensor) -> Tensor:
+        cell = (pixels_per_cell, pixels_per_cell)
+        rows = [hog(m, pixels_per_cell=cell) for m in maps.detach().cpu().numpy()]
+        return torch.from_numpy(np.stack(rows)).to(a.device)
+
+    return _correlation(descriptors(a), descriptors(b), rank=True, noun="HOG descriptor")
+
+
+def score_maps(
+    reference_maps: Tensor,
+    candidate_maps: Tensor,
+    metrics: Sequence[str],
+    options: PostprocessOptions,
+) -> dict[str, Scores]:
+    """Score raw (N, C, H, W) candidate maps against reference maps with each named metric.
+
+    The reference maps come from the trained model, the candidates from a randomized one.
+    Each view a metric needs is computed once per side; everything stays batched on the
+    maps' device except HOG. Unknown metric names raise :class:`ConfigError` up front.
+    """
+    specs = [get_metric(name) for name in metrics]
+    if reference_maps.shape != candidate_maps.shape:
+        raise ValueError(
+            f"reference and candidate maps differ in shape: {tuple(reference_maps.shape)} "
+            f"vs {tuple(candidate_maps.shape)}"
+        )
+    needed = {spec.view for spec in specs}
+    reference = views(reference_maps, options, names=needed)
+    candidate = views(candidate_maps, options, names=needed)
+    return {spec.name: spec.fn(reference[spec.view], candidate[spec.view]) for spec in specs}

@@ -1,0 +1,220 @@
+"""Build the model under test: a torchvision builder, torchvision weights or a local checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from saliencycheck.config import ModelConfig
+from saliencycheck.errors import ConfigError, ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the model: square size and per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None = None  # resize the shorter side to this before centre-cropping to size
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model in eval mode plus where its weights came from and its own preprocessing."""
+
+    module: nn.Module
+    weights_source: str
+    preprocessing: Preprocessing | None  # the torchvision weights' own, when weights were named
+
+
+def import_callable(spec: str, *, field: str) -> Callable[..., Any]:
+    """Import 'package.module:function'; only ever called on a name the user wrote."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{field}: expected 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{field}: cannot import {module_name!r} ({exc})") from None
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise ConfigError(f"{field}: {module_name!r} has no callable {attr!r}")
+    return target
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        return torchvision.models.get_model_builder(name)
+    except ValueError:
+        known = sorted(torchvision.models.list_models(module=torchvision.models))
+        close = [n for n in known if n.startswith(name[:4])][:6] or known[:6]
+        raise ConfigError(
+            f"model.name: unknown torchvision model {name!r}; try one of {', '.join(close)} "
+            "(full list: torchvision.models.list_models())"
+        ) from None
+
+
+def _torchvision_weights(name: str, weights: str) -> Any | None:
+    """The weights enum member for `weights`, or None when it is not a weights name."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        return None
+    if weights == "DEFAULT":
+        return enum.DEFAULT
+    return enum.__members__.get(weights)
+
+
+def _weights_preprocessing(weights: Any) -> Preprocessing | None:
+    transforms = weights.transforms()
+    crop = getattr(transforms, "crop_size", None)
+    mean = getattr(transforms, "mean", None)
+    std = getattr(transforms, "std", None)
+    if not crop or mean is None or std is None:
+        return None
+    resize = getattr(transforms, "resize_size", None)
+    return Preprocessing(
+        size=int(crop[0]),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        resize=int(resize[0]) if resize else None,
+    )
+
+
+def extract_state_dict(checkpoint: Any, *, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state_dict in a checkpoint and strip DataParallel 'module.' prefixes."""
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                state = checkpoint[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(
+            f"model.weights: {path} holds no state_dict (expected a dict of tensors, or one "
+            "under 'state_dict' or 'model')"
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_checkpoint(module: nn.Module, path: Path) -> None:
+    """Load a local checkpoint into `module` safely (`weights_only=True`) and strictly."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / unsafe files
+        raise ModelError(
+            f"model.weights: cannot load checkpoint {path} with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        ) from None
+    state = extract_state_dict(checkpoint, path=path)
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if result.unexpected_keys:
+            parts.append(
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})"
+            )
+        raise ModelError(
+            f"model.weights: {path} does not match the model: {'; '.join(parts)}; "
+            "check model.name and model.num_classes"
+        )
+
+
+def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> LoadedModel:
+    """Build the configured model in eval mode (CPU); the caller moves it to the device."""
+    preprocessing = None
+    weights_source = "random initialisation"
+    checkpoint: Path | None = None
+    if cfg.factory:
+        factory = import_callable(cfg.factory, field="model.factory")
+        kwargs = dict(cfg.factory_kwargs)
+        if cfg.num_classes is not None:
+            kwargs.setdefault("num_classes", cfg.num_classes)
+        try:
+            module = factory(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model.factory_kwargs: {cfg.factory} rejected them ({exc})") from None
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"model.factory: {cfg.factory} returned {type(module).__name__}, "
+                             "not a torch.nn.Module")
+        weights_source = f"factory {cfg.factory}"
+        if cfg.weights:
+            checkpoint = resolve(cfg.weights)
+    else:
+        builder = _builder(cfg.name)
+        kwargs: dict[str, Any] = {}
+        if cfg.num_classes is not None:
+            kwargs["num_classes"] = cfg.num_classes
+        enum_weights = _torchvision_weights(cfg.name, cfg.weights) if cfg.weights else None
+        if enum_weights is not None:
+            classes = len(enum_weights.meta.get("categories") or []) or None
+            if cfg.num_classes is not None and classes and cfg.num_classes != classes:
+                raise ConfigError(
+                    f"model.num_classes: {cfg.num_classes} differs from the {classes} classes of "
+                    f"{cfg.name} weights {cfg.weights}; remove num_classes or use a checkpoint"
+                )
+            kwargs.pop("num_classes", None)
+            try:
+                module = builder(weights=enum_weights, **kwargs)
+            except Exception as exc:  # download or cache failures surface here
+                raise ModelError(
+                    f"model.weights: cannot load torchvision weights {cfg.name}/{cfg.weights} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); they are "
+                    "downloaded once to the torch hub cache, or use a local checkpoint path"
+                ) from None
+            preprocessing = _weights_preprocessing(enum_weights)
+            weights_source = f"torchvision {enum_weights}"
+        else:
+            if cfg.weights:
+                checkpoint = resolve(cfg.weights)
+                if not checkpoint.is_file():
+                    raise ConfigError(
+                        f"model.weights: {cfg.weights!r} is neither a torchvision weights name "
+                        f"for {cfg.name} nor an existing checkpoint file ({checkpoint})"
+                    )
+            if cfg.name in ("googlenet", "inception_v3"):
+                kwargs.setdefault("init_weights", True)  # silences torchvision's warning
+            module = builder(weights=None, **kwargs)
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise ConfigError(f"model.weights: checkpoint file not found: {checkpoint}")
+        load_checkpoint(module, checkpoint)
+        weights_source = f"checkpoint {checkpoint}"
+    module.eval()
+    return LoadedModel(module=module, weights_source=weights_source, preprocessing=preprocessing)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available; explicit devices are checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device: {name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: CUDA requested but not available; use auto or cpu")
+    return device
+
+
+def get_submodule(model: nn.Module, path: str, *, field: str) -> nn.Module:
+    """Look up a dotted module path, with an error listing valid top-level names."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()][:8]
+        raise ModelError(
+            f"{field}: the model has no module {path!r}; top-level modules are {', '.join(names)}"
+        ) from None

@@ -1,0 +1,141 @@
+"""Guided-backprop and deconvnet backward rules at every ReLU application.
+
+Springenberg et al. 2015 (guided backprop) and Zeiler & Fergus 2014 (deconvnet) change the
+backward pass of each ReLU: guided passes back ``grad.clamp(min=0) * (x > 0)``, deconvnet
+``grad.clamp(min=0)`` whatever the forward input ``x`` was.
+
+Hooks on ``nn.ReLU`` modules miss functional calls (DenseNet's final ``F.relu``, every
+``F.relu`` in Inception-v3 and GoogLeNet) and mishandle one module applied several times
+(torchvision's ResNet). :class:`ReluRuleMode` is a ``TorchFunctionMode`` instead: while it is
+active, every ReLU *call* -- ``F.relu`` (which ``nn.ReLU`` and ``F.relu(x, inplace=True)``
+dispatch to), ``torch.relu``, ``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_`` -- is
+replaced by an autograd function with the same forward and the rule's backward. It never
+touches the model, so nothing has to be restored.
+
+ReLU6 (``F.relu6``, and ``F.hardtanh(x, 0, 6)`` that ``nn.ReLU6`` dispatches to; used by
+MobileNetV2) is treated as a ReLU whose gradient is also zero above 6, exactly as its
+forward is flat there: guided passes back ``grad⁺ * (0 < x < 6)``, deconvnet ``grad⁺ * (x < 6)``.
+
+Notes
+-----
+* In-place calls (``inplace=True``, ``relu_``) are computed out of place and the result
+  returned: correct for code that uses the return value, as torchvision's models all do.
+* Other activations (SiLU, Hardswish, GELU, sigmoid, tanh, ...) keep their plain gradient;
+  the mode counts them (:class:`ReluRuleReport`) so callers can warn that the rule applied to
+  the ReLUs only. EfficientNet has no ReLU at all; MobileNetV3 mixes ReLU and Hardswish.
+* Operations that are not dispatched through ``torch.overrides`` (TorchScript, a ReLU written
+  as ``x.clamp(min=0)``) are not seen.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+Rule = Literal["guided", "deconvnet"]
+
+_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+
+_OTHER_ACTIVATIONS = {
+    F.silu: "silu",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+    F.gelu: "gelu",
+    F.mish: "mish",
+    F.elu: "elu",
+    F.selu: "selu",
+    F.celu: "celu",
+    F.leaky_relu: "leaky_relu",
+    F.prelu: "prelu",
+    F.rrelu: "rrelu",
+    F.softplus: "softplus",
+    F.threshold: "threshold",
+    F.glu: "glu",
+    F.logsigmoid: "logsigmoid",
+    F.sigmoid: "sigmoid",
+    torch.sigmoid: "sigmoid",
+    Tensor.sigmoid: "sigmoid",
+    Tensor.sigmoid_: "sigmoid",
+    F.tanh: "tanh",
+    torch.tanh: "tanh",
+    Tensor.tanh: "tanh",
+    Tensor.tanh_: "tanh",
+}
+
+
+@dataclass(frozen=True)
+class ReluRuleReport:
+    """What a :class:`ReluRuleMode` met: ReLU/ReLU6 calls it modified, other activations it did not."""
+
+    relu_calls: int
+    other_activations: dict[str, int] = field(default_factory=dict)
+
+
+class _RuledReLU(torch.autograd.Function):
+    """``clamp(x, 0, upper)`` forward; the guided or deconvnet rule as backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rule: Rule, upper: float | None) -> Tensor:
+        if rule == "guided":
+            gate = x > 0 if upper is None else (x > 0) & (x < upper)
+        else:
+            gate = None if upper is None else x < upper
+        ctx.save_for_backward(gate)
+        return x.clamp(min=0, max=upper)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (gate,) = ctx.saved_tensors
+        grad = grad.clamp(min=0)
+        if gate is not None:
+            grad = torch.where(gate, grad, torch.zeros_like(grad))
+        return grad, None, None
+
+
+def _hardtanh_range(args: tuple, kwargs: dict) -> tuple[float, float]:
+    """``(min_val, max_val)`` of an ``F.hardtanh(input, min_val=-1., max_val=1., inplace=False)`` call."""
+    min_val = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    max_val = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return float(min_val), float(max_val)
+
+
+class ReluRuleMode(TorchFunctionMode):
+    """While active, every ReLU/ReLU6 call gets the ``rule``'s backward; see the module docstring.
+
+    One instance may be entered several times (e.g. once per chunk); its counts accumulate.
+    """
+
+    def __init__(self, rule: Rule) -> None:
+        super().__init__()
+        if rule not in ("guided", "deconvnet"):
+            raise ValueError(f"unknown ReLU rule {rule!r}; use 'guided' or 'deconvnet'")
+        self.rule: Rule = rule
+        self._relu_calls = 0
+        self._other: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _RELU:
+            self._relu_calls += 1
+            return _RuledReLU.apply(args[0], self.rule, None)
+        if func is F.relu6:
+            self._relu_calls += 1
+            return _RuledReLU.apply(args[0], self.rule, 6.0)
+        if func is F.hardtanh:
+            if _hardtanh_range(args, kwargs) == (0.0, 6.0):
+                self._relu_calls += 1
+                return _RuledReLU.apply(args[0], self.rule, 6.0)
+            self._other["hardtanh"] += 1
+        elif func in _OTHER_ACTIVATIONS:
+            self._other[_OTHER_ACTIVATIONS[func]] += 1
+        return func(*args, **kwargs)
+
+    def report(self) -> ReluRuleReport:
+        """Counts so far (over every time this mode was entered)."""
+        return ReluRuleReport(relu_calls=self._relu_calls, other_activations=dict(self._other))

@@ -1,0 +1,1 @@
+"""Views of stored results: CSV tables and PNG figures."""

@@ -1,0 +1,92 @@
+"""PNG figures: the paper's stage grids per image, and similarity curves per test."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from saliencycheck.report.tables import SummaryRow  # noqa: E402
+
+MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]
+
+
+def stage_grid(
+    path: Path,
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    stage_names: list[str],
+    *,
+    title: str,
+) -> None:
+    """Input image first, then one row per method and one column per stage (trained first).
+
+    `maps[method]` is (stages, H, W) of absolute maps in [0, 1], all shown on one scale.
+    """
+    methods = list(maps)
+    cols = len(stage_names) + 1
+    cell = 1.35
+    fig, axes = plt.subplots(len(methods), cols, figsize=(cell * cols, cell * len(methods) + 0.6),
+                             squeeze=False)
+    for row, method in enumerate(methods):
+        for col in range(cols):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                if row == 0:
+                    ax.imshow(image, interpolation="nearest")
+                    ax.set_title("input", fontsize=7)
+                else:
+                    ax.axis("off")
+                continue
+            frames = maps[method]
+            if col - 1 < len(frames):
+                ax.imshow(frames[col - 1].astype(np.float32), cmap=MAP_CMAP, vmin=0, vmax=1,
+                          interpolation="nearest")
+            if row == 0:
+                ax.set_title(stage_names[col - 1], fontsize=7, rotation=30 if cols > 8 else 0)
+            if col == 1:
+                ax.set_ylabel(method, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str]) -> None:
+    """Each metric against the stage, one line per method: mean with its 95 % CI band."""
+    rows = [s for s in summary if s.test == test]
+    stages = sorted({(s.stage_index, s.stage) for s in rows})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False,
+                             sharex=True)
+    for ax, metric in zip(axes[0], metrics):
+        by_method: dict[str, list[SummaryRow]] = defaultdict(list)
+        for s in rows:
+            if s.metric == metric:
+                by_method[s.method].append(s)
+        for method, series in by_method.items():
+            series.sort(key=lambda s: s.stage_index)
+            x = [s.stage_index for s in series]
+            ax.plot(x, [s.mean for s in series], marker="o", markersize=3, label=method)
+            low = [s.ci_low if np.isfinite(s.ci_low) else s.mean for s in series]
+            high = [s.ci_high if np.isfinite(s.ci_high) else s.mean for s in series]
+            ax.fill_between(x, low, high, alpha=0.2)
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks([i for i, _ in stages])
+        ax.set_xticklabels([name for _, name in stages], rotation=70, fontsize=6)
+        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+    axes[0][0].set_ylabel("similarity to the trained model's map")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{test} randomization (mean and 95 % CI over images)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

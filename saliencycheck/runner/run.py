@@ -1,0 +1,165 @@
+"""Run a sanity check end to end: plan units, execute them, store each, then write every output.
+
+Never prints or exits: progress goes through a callback, problems are raised as the project's
+exception types, and the CLI decides what the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from saliencycheck.report.figures import similarity_curves, stage_grid
+from saliencycheck.report.tables import (
+    SummaryRow,
+    summarize,
+    write_report,
+    write_stages,
+    write_summary,
+)
+from saliencycheck.runner.executor import TRAINED, UnitExecutor, figure_key, safe_name
+from saliencycheck.runner.plan import plan_units
+from saliencycheck.runner.setup import RunSetup
+from saliencycheck.runner.store import ResultStore
+
+Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What the CLI shows at the end of a run; every file is already written."""
+
+    output_dir: Path
+    summary: list[SummaryRow]
+    final_stage: dict[str, int]
+    units_done: int
+    units_total: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.units_done < self.units_total
+
+
+def package_versions() -> dict[str, str]:
+    names = ("saliencycheck", "torch", "torchvision", "numpy", "scikit-image", "pydantic")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunResult:
+    """Execute every work unit, storing each at once, then write reports and figures.
+
+    On KeyboardInterrupt the outputs are written from the units already stored, then the
+    interrupt propagates, so nothing computed is lost.
+    """
+    started = time.perf_counter()
+    out = setup.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out)
+    store.clear()
+    units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
+    steps_per_unit = 1 + sum(len(s) for s in setup.stages.values())
+    total = steps_per_unit * len(units)
+    progress(0, total, "starting")
+    executor = UnitExecutor(setup)
+    done = 0
+    try:
+        for unit in units:
+            store.save(executor.run(unit, lambda n, text: progress(n, total, text)))
+            done += 1
+    except KeyboardInterrupt:
+        write_outputs(setup, store, units_total=len(units),
+                      timings={"compute_s": time.perf_counter() - started})
+        raise
+    compute_s = time.perf_counter() - started
+    return write_outputs(setup, store, units_total=len(units), timings={"compute_s": compute_s})
+
+
+def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
+                  timings: dict[str, float]) -> RunResult:
+    """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
+    started = time.perf_counter()
+    out = setup.output_dir
+    rows = store.rows()
+    write_report(out / "report.csv", rows)
+    summary = summarize(rows)
+    write_summary(out / "summary.csv", summary)
+    numel = {name: p.numel() for name, p in setup.model.named_parameters()}
+    write_stages(out / "stages.csv", setup.stages, numel, store.stage_observations())
+    if setup.config.output.figures and rows:
+        write_figures(setup, store, summary)
+    final_stage = {test: len(stages) for test, stages in setup.stages.items()}
+    timings = {**timings, "report_s": time.perf_counter() - started}
+    write_run_json(setup, out / "run.json", timings=timings, units_done=len(store.unit_ids()),
+                   units_total=units_total)
+    return RunResult(output_dir=out, summary=summary, final_stage=final_stage,
+                     units_done=len(store.unit_ids()), units_total=units_total, timings=timings)
+
+
+def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
+    figures = setup.output_dir / "figures"
+    maps = store.figure_maps()
+    by_id = {r.id: r for r in setup.images}
+    for test, stages in setup.stages.items():
+        names = [TRAINED] + [s.name for s in stages]
+        images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
+        for image in images:
+            grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
+                    if figure_key(image, test, m.label) in maps}
+            stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
+                       names, title=f"{image} - {test} randomization ({setup.config.model.name})")
+        similarity_curves(figures / f"curves_{test}.png", summary, test,
+                          list(setup.config.metrics))
+
+
+def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
+                   units_total: int) -> None:
+    """The resolved config, versions, device, timings, skipped images, and what was run."""
+    info = {
+        "config_file": str(setup.source),
+        "config": setup.config.model_dump(mode="json"),
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "device": str(setup.device),
+        "device_name": (torch.cuda.get_device_name(setup.device)
+                        if setup.device.type == "cuda" else platform.processor() or "cpu"),
+        "torch_threads": torch.get_num_threads(),
+        "weights": setup.weights_source,
+        "preprocessing": {"size": setup.preprocessing.size, "mean": setup.preprocessing.mean,
+                          "std": setup.preprocessing.std, "resize": setup.preprocessing.resize},
+        "methods": [{"label": m.label, "name": m.name, "params": m.params.model_dump(mode="json")}
+                    for m in setup.methods],
+        "target": setup.config.images.target,
+        "target_on_randomized": setup.config.tests.target_on_randomized,
+        "postprocess": setup.config.postprocess.model_dump(mode="json"),
+        "images": [r.id for r in setup.images],
+        "skipped_images": [{"path": str(s.path), "reason": s.reason} for s in setup.skipped],
+        "stages": {test: len(stages) for test, stages in setup.stages.items()},
+        "stage_table": "stages.csv",
+        "units_done": units_done,
+        "units_total": units_total,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    path.write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

@@ -1,0 +1,158 @@
+"""Turn a validated config into everything a run needs: model, device, images, methods, stages.
+
+`prepare` is shared by `saliencycheck run` and `saliencycheck validate`, so validating a config
+checks exactly what a run would: the model builds, its weights load, the named layers exist,
+the images load and every method's parameters are valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saliencycheck.config import Config, LoadedConfig, MethodEntry
+from saliencycheck.data import (
+    ImageRecord,
+    SkippedImage,
+    discover_images,
+    image_ids,
+    load_images,
+    read_labels,
+)
+from saliencycheck.errors import ConfigError, DataError, SaliencyCheckError
+from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
+from saliencycheck.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    build_model,
+    get_submodule,
+    resolve_device,
+)
+from saliencycheck.randomization import Block, Stage, find_blocks, plan_stages
+
+TESTS = ("cascading", "independent")
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything resolved from the config; the executor reads, never changes, it."""
+
+    config: Config
+    source: Path
+    output_dir: Path
+    model: nn.Module
+    weights_source: str
+    device: torch.device
+    preprocessing: Preprocessing
+    images: list[ImageRecord]
+    skipped: list[SkippedImage]
+    labels: dict[str, int] | None
+    methods: list[ResolvedMethod]
+    stages: dict[str, list[Stage]]  # per enabled test
+    blocks: dict[str, list[Block]]
+    context: AttributionContext
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
+    """Explicit images.size/mean/std win; else the weights' own; else 224 and ImageNet stats."""
+    images = config.images
+    base = weights_pre or Preprocessing(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    size = images.size or base.size
+    resize = base.resize if images.size is None else None
+    return Preprocessing(size=size, mean=images.mean or base.mean, std=images.std or base.std,
+                         resize=resize)
+
+
+def resolve_methods(config: Config) -> list[ResolvedMethod]:
+    """Validate each method entry against its registered parameter schema."""
+    resolved, labels = [], set()
+    for index, entry in enumerate(config.methods):
+        raw = entry.model_dump(exclude_none=True) if isinstance(entry, MethodEntry) else entry
+        try:
+            method = resolve_method(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"methods[{index}].{exc}") from None
+        if method.label in labels:
+            raise ConfigError(f"methods[{index}]: {method.label!r} is listed twice; give one a "
+                              "distinct label:")
+        labels.add(method.label)
+        resolved.append(method)
+    return resolved
+
+
+def check_layers(model: nn.Module, methods: list[ResolvedMethod]) -> None:
+    """Every layer a method names must exist in the model."""
+    for index, method in enumerate(methods):
+        layer = getattr(method.params, "layer", None)
+        if layer:
+            get_submodule(model, layer, field=f"methods[{index}].layer")
+
+
+def prepare(loaded: LoadedConfig) -> RunSetup:
+    """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages)."""
+    config = loaded.config
+    methods = resolve_methods(config)
+    device = resolve_device(config.runtime.device)
+    built = build_model(config.model, resolve=loaded.resolve)
+    model = built.module
+    check_layers(model, methods)
+    pre = resolve_preprocessing(config, built.preprocessing)
+
+    root = loaded.resolve(config.images.path)
+    paths = discover_images(root, raw=config.images.path)
+    if config.images.limit:
+        paths = paths[: config.images.limit]
+    ids = image_ids(paths, root if root.is_dir() else root.parent)
+    images, skipped = load_images(paths, ids, pre)
+    if not images:
+        raise DataError(f"images.path: none of the {len(paths)} images could be read "
+                        f"(first: {skipped[0].path.name}: {skipped[0].reason})")
+
+    labels = None
+    if config.images.target == "label":
+        if not config.images.labels:
+            raise ConfigError("images.target: 'label' needs images.labels, a CSV with image,label")
+        labels = read_labels(loaded.resolve(config.images.labels), [r.id for r in images],
+                             [r.path for r in images])
+    elif config.images.labels:
+        labels = read_labels(loaded.resolve(config.images.labels), [r.id for r in images],
+                             [r.path for r in images])
+
+    model = model.to(device)
+    example = images[0].tensor[None].to(device)
+    try:
+        with torch.inference_mode():
+            logits = model(example)
+    except RuntimeError as exc:
+        raise SaliencyCheckError(
+            f"model: forward pass failed on a {pre.size}x{pre.size} image "
+            f"({str(exc).splitlines()[0][:160]}); check images.size and the model"
+        ) from None
+    num_classes = logits.shape[-1]
+    target = config.images.target
+    if isinstance(target, int) and target >= num_classes:
+        raise ConfigError(f"images.target: class {target} out of range for {num_classes} classes")
+    if labels and max(labels.values()) >= num_classes:
+        raise DataError(f"images.labels: a label exceeds the model's {num_classes} classes")
+
+    tests = config.tests
+    blocks, stages = {}, {}
+    for name in TESTS:
+        section = getattr(tests, name)
+        if section.enabled:
+            blocks[name] = find_blocks(model, example, granularity=section.granularity)
+            stages[name] = plan_stages(blocks[name], model=model, test=name, order=section.order)
+
+    context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
+                                 chunk_size=config.runtime.chunk_size)
+    return RunSetup(
+        config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
+        model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
+        images=images, skipped=skipped, labels=labels, methods=methods, stages=stages,
+        blocks=blocks, context=context,
+    )

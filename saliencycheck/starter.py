@@ -1,0 +1,72 @@
+"""The fully commented starter config that `saliencycheck init` writes, generated from the schema.
+
+Generated from the pydantic field descriptions, so it can never drift from what `validate`
+accepts.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from saliencycheck.config import Config
+
+HEADER = """\
+# saliencycheck config. Validate with `saliencycheck validate THIS_FILE`, run with
+# `saliencycheck run THIS_FILE`. Every key is optional; shown values are the defaults.
+# Reference: README.md, "Config reference".
+"""
+
+EXAMPLE_METHODS = [
+    "gradient",
+    "gradient_x_input",
+    {"name": "integrated_gradients", "steps": 50, "baseline": "black"},
+    "guided_backprop",
+    {"name": "gradcam"},
+    "guided_gradcam",
+    {"name": "smoothgrad", "samples": 50, "noise": 0.15},
+]
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 88 - len(indent))]
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=200).strip().removesuffix("...").strip()
+
+
+def _section(model: BaseModel, indent: str) -> list[str]:
+    lines: list[str] = []
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        lines += _comment(info.description or "", indent)
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines += _section(value, indent + "  ")
+        else:
+            dumped = value if not isinstance(value, tuple) else list(value)
+            lines.append(f"{indent}{name}: {_scalar(dumped)}")
+    return lines
+
+
+def starter_config() -> str:
+    """YAML text of the default config with every field's description as a comment."""
+    config = Config(methods=EXAMPLE_METHODS)
+    lines = [HEADER]
+    for name, info in Config.model_fields.items():
+        value = getattr(config, name)
+        lines += _comment(info.description or "", "")
+        if isinstance(value, BaseModel):
+            lines.append(f"{name}:")
+            lines += _section(value, "  ")
+        elif name == "methods":
+            lines.append("methods:")
+            lines += [f"  - {_scalar(m)}" for m in EXAMPLE_METHODS]
+        else:
+            lines.append(f"{name}: {_scalar(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Small trained models on real data that ships with a package, for the quickstart and tests.
+
+`digits_resnet18` trains torchvision's ResNet-18 on scikit-learn's handwritten digits
+(1,797 images of 8x8 pixels, upsampled to 64x64, grey replicated to RGB) and caches the
+checkpoint, so the quickstart explains a *trained* network offline. An untrained network
+makes every saliency map meaningless. Use it from a config with
+`model.factory: saliencycheck.zoo:digits_resnet18`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+DIGITS_TRAIN_COUNT = 1600  # digits [0, 1600) train the model; [1600, 1797) are held out
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
+
+
+def cache_dir() -> Path:
+    """Where trained checkpoints are cached: $SALIENCYCHECK_CACHE or ~/.cache/saliencycheck."""
+    root = os.environ.get("SALIENCYCHECK_CACHE") or Path.home() / ".cache" / "saliencycheck"
+    return Path(root)
+
+
+def digits_pixels(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as uint8 (N, size, size) images (bilinear upsampling) and labels (N,).
+
+    These are exactly the pixels of the PNGs in sample_images/digits, so a model trained on
+    them sees the same values when the CLI reads the PNG files.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    large = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    pixels = (large.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+    return pixels, digits.target.astype(np.int64)
+
+
+def digits_tensors(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (N, 3, size, size) inputs and labels, as the CLI would preprocess the PNGs."""
+    pixels, labels = digits_pixels(size)
+    x = torch.from_numpy(pixels).float().div(255.0)[:, None].repeat(1, 3, 1, 1)
+    mean = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.from_numpy(labels)
+
+
+def train_classifier(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> nn.Module:
+    """Plain Adam training with a local generator for shuffling; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.inference_mode():
+        predictions = torch.cat([model(chunk).argmax(1) for chunk in inputs.split(256)])
+    return float((predictions == labels).float().mean())
+
+
+def digits_resnet18(
+    *,
+    num_classes: int = 10,
+    size: int = 64,
+    epochs: int = 3,
+    seed: int = 0,
+    cache: str | None = None,
+) -> nn.Module:
+    """ResNet-18 trained on digits [0, 1600) (~98 % held-out accuracy, ~30 s on 2 CPU cores).
+
+    The first call trains and caches the weights (keyed by the recipe); later calls load them.
+    """
+    if num_classes != 10:
+        raise ValueError("digits_resnet18 has 10 classes; remove model.num_classes or set it to 10")
+    recipe = {"arch": "resnet18", "size": size, "epochs": epochs, "seed": seed, "lr": 1e-3,
+              "batch_size": 64, "train": DIGITS_TRAIN_COUNT, "torchvision": torchvision.__version__}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = (Path(cache) if cache else cache_dir()) / f"digits_resnet18_{key}.pt"
+    with torch.random.fork_rng(devices=[]):  # torchvision's init uses the global RNG: isolate it
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18(num_classes=10)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    inputs, labels = digits_tensors(size)
+    train_classifier(model, inputs[:DIGITS_TRAIN_COUNT], labels[:DIGITS_TRAIN_COUNT],
+                     epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)  # atomic: an interrupted training never leaves a half-written cache
+    return model
