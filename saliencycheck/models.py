@@ -117,7 +117,13 @@ def load_checkpoint(module: nn.Module, path: Path) -> None:
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         ) from None
     state = extract_state_dict(checkpoint, path=path)
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches are raised even with strict=False
+        mismatch = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
+                        str(exc).splitlines()[0])
+        raise ModelError(f"model.weights: {path} does not match the model: {mismatch[:200]}; "
+                         "check model.name and model.num_classes") from None
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:

@@ -14,7 +14,8 @@ touches the model, so nothing has to be restored.
 
 ReLU6 (``F.relu6``, and ``F.hardtanh(x, 0, 6)`` that ``nn.ReLU6`` dispatches to; used by
 MobileNetV2) is treated as a ReLU whose gradient is also zero above 6, exactly as its
-forward is flat there: guided passes back ``grad⁺ * (0 < x < 6)``, deconvnet ``grad⁺ * (x < 6)``.
+forward is flat there: guided passes back ``grad⁺ * (0 < x < 6)``, deconvnet
+``grad⁺ * (x < 6)``.
 
 Notes
 -----
@@ -71,7 +72,7 @@ _OTHER_ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class ReluRuleReport:
-    """What a :class:`ReluRuleMode` met: ReLU/ReLU6 calls it modified, other activations it did not."""
+    """What a :class:`ReluRuleMode` met: ReLU/ReLU6 calls (modified), other activations (not)."""
 
     relu_calls: int
     other_activations: dict[str, int] = field(default_factory=dict)
@@ -99,7 +100,7 @@ class _RuledReLU(torch.autograd.Function):
 
 
 def _hardtanh_range(args: tuple, kwargs: dict) -> tuple[float, float]:
-    """``(min_val, max_val)`` of an ``F.hardtanh(input, min_val=-1., max_val=1., inplace=False)`` call."""
+    """``(min_val, max_val)`` of a call ``F.hardtanh(input, min_val=-1., max_val=1., ...)``."""
     min_val = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     max_val = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
     return float(min_val), float(max_val)

@@ -88,7 +88,6 @@ def write_summary(path: Path, summary: list[SummaryRow]) -> None:
 
 
 def write_stages(path: Path, stages: dict[str, list[Stage]],
-                 numel_by_parameter: dict[str, int],
                  observations: list[StageObservation]) -> list[dict]:
     """stages.csv: per test and stage, what was randomized and how far the logits moved."""
     pooled: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -109,7 +108,7 @@ def write_stages(path: Path, stages: dict[str, list[Stage]],
                 "test": test, "stage_index": stage.index, "stage": stage.name,
                 "blocks_randomized": ";".join(stage.blocks),
                 "parameters_randomized": ";".join(stage.parameter_names),
-                "num_parameters": sum(numel_by_parameter[p] for p in stage.parameter_names),
+                "num_parameters": stage.numel,
                 "fraction_randomized": round(stage.fraction_randomized, 6),
                 "logit_relative_l2": l2 / n if n else math.nan,
                 "top1_agreement": top1 / n if n else math.nan,

@@ -98,8 +98,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     write_report(out / "report.csv", rows)
     summary = summarize(rows)
     write_summary(out / "summary.csv", summary)
-    numel = {name: p.numel() for name, p in setup.model.named_parameters()}
-    write_stages(out / "stages.csv", setup.stages, numel, store.stage_observations())
+    write_stages(out / "stages.csv", setup.stages, store.stage_observations())
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
     final_stage = {test: len(stages) for test, stages in setup.stages.items()}

@@ -1,0 +1,84 @@
+"""A user-supplied attribution function, named in the config as ``"package.module:function"``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from saliencycheck.errors import ConfigError, MethodError
+from saliencycheck.methods.base import AttributionContext, check_call
+from saliencycheck.methods.registry import MethodParams, register_method
+
+
+def import_callable(path: str) -> Callable[..., Any]:
+    """The object at ``"package.module:attr.attr"``; ValueError saying what failed otherwise."""
+    module_name, sep, qualname = path.partition(":")
+    if not (sep and module_name and qualname):
+        raise ValueError(f"{path!r} is not of the form 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for attr in qualname.split("."):
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"cannot import {path!r} ({type(err).__name__}: {err}); make it importable or fix "
+            "the name"
+        ) from None
+    if not callable(obj):
+        raise ValueError(f"{path!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+class CustomParams(MethodParams):
+    """Parameters of custom: which function to import and its keyword arguments."""
+
+    function: str = Field(
+        alias="callable",
+        description="'package.module:function' with signature fn(model, inputs, targets, "
+        "**params) -> Tensor (N, C or 1, H, W); imported because the config names it",
+    )
+    params: dict[str, Any] = Field({}, description="keyword arguments passed to the function")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, function: str) -> str:
+        import_callable(function)
+        return function
+
+
+@register_method(
+    "custom",
+    params=CustomParams,
+    description="a user function fn(model, inputs, targets, **params) -> map, "
+    "named 'package.module:function'",
+)
+def custom(
+    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext, *,
+    function: str, params: dict[str, Any],
+) -> Tensor:
+    """The user function's map, called with grad enabled on a detached copy of the inputs.
+
+    The result must be a tensor (N, C or 1, H, W) matching the inputs; MethodError otherwise.
+    The function does its own batching (``context`` is not passed).
+    """
+    check_call(model, inputs, targets, "custom")
+    try:
+        fn = import_callable(function)
+    except ValueError as err:
+        raise ConfigError(f"callable: {err}") from None
+    with torch.enable_grad():
+        maps = fn(model, inputs.detach().clone(), targets, **params)
+    n, c, h, w = inputs.shape
+    if not (isinstance(maps, Tensor) and maps.ndim == 4 and maps.shape[0] == n
+            and maps.shape[1] in (c, 1) and maps.shape[2:] == inputs.shape[2:]):
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise MethodError(
+            f"custom method {function} returned {got}; it must return a tensor "
+            f"({n}, {c} or 1, {h}, {w}) like the inputs"
+        )
+    return maps.detach()

@@ -1,0 +1,173 @@
+"""The command line end to end with Typer's CliRunner on a tiny model and images the test writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from saliencycheck.cli import app
+from saliencycheck.runner.store import ROW_FIELDS
+
+runner = CliRunner()
+
+
+def tiny_cnn(num_classes: int = 4) -> nn.Module:
+    """A small ReLU CNN (random init, seeded) for fast CLI runs."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"img{i}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG but not really")
+    config = {
+        "model": {"factory": "tests.test_cli:tiny_cnn", "num_classes": 4},
+        "images": {"path": "images", "size": 48, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "methods": ["gradient", "guided_backprop",
+                    {"name": "integrated_gradients", "steps": 4},
+                    {"name": "gradcam", "layer": "5"},
+                    {"name": "smoothgrad", "samples": 3, "label": "smooth"}],
+        "tests": {"cascading": {"enabled": True}, "independent": {"enabled": True}},
+        "metrics": ["spearman_abs", "spearman", "ssim", "hog", "pearson"],
+        "runtime": {"device": "cpu", "batch_size": 2},
+        "output": {"dir": "out", "figure_images": 1, "save_maps": True},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_writes_every_output(project: Path) -> None:
+    result = runner.invoke(app, ["run", str(project / "config.yaml")])
+    assert result.exit_code == 0, result.output
+    out = project / "out"
+    rows = read_csv(out / "report.csv")
+    assert tuple(rows[0]) == ROW_FIELDS
+    # blocks (top level, the inner Sequential expanded): 0, 2, 3, 5.0, 8 -> 5 stages per test
+    stages = {t: {int(r["stage_index"]) for r in rows if r["test"] == t}
+              for t in ("cascading", "independent")}
+    assert stages["cascading"] == set(range(6)) and stages["independent"] == set(range(6))
+    assert len(rows) == 5 * 5 * 5 * (6 + 6)  # images x methods x metrics x stages
+    assert {r["image"] for r in rows} == {f"img{i}.png" for i in range(5)}
+    assert {r["method"] for r in rows} == {"gradient", "guided_backprop", "integrated_gradients",
+                                           "gradcam", "smooth"}
+    values = np.array([float(r["value"]) for r in rows])
+    finite = values[np.isfinite(values)]
+    assert finite.size > 0.9 * values.size
+    assert np.all(finite <= 1 + 1e-6) and np.all(finite >= -1 - 1e-6)
+    for r in rows:
+        if not np.isfinite(float(r["value"])):
+            assert r["note"], "an undefined score must say why"
+    trained = [float(r["value"]) for r in rows
+               if r["stage_index"] == "0" and r["metric"] == "spearman_abs" and r["note"] == ""]
+    np.testing.assert_allclose(trained, 1.0, atol=1e-6)
+
+    summary = read_csv(out / "summary.csv")
+    assert {"method", "test", "stage_index", "stage", "metric", "mean", "std", "ci_low",
+            "ci_high", "n"} <= set(summary[0])
+    assert len(summary) == 5 * 5 * 12
+    stage_rows = read_csv(out / "stages.csv")
+    cascading = [r for r in stage_rows if r["test"] == "cascading"]
+    fractions = [float(r["fraction_randomized"]) for r in cascading]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert cascading[1]["blocks_randomized"] == "8"  # the Linear head goes first (top-down)
+    assert all(float(r["logit_relative_l2"]) > 0 for r in cascading[1:])
+
+    for name in ("cascading", "independent"):
+        for png in (out / "figures" / "img0" / f"{name}.png", out / "figures" / f"curves_{name}.png"):
+            with Image.open(png) as image:
+                image.load()
+                assert image.size[0] > 200
+    assert not (out / "figures" / "img1").exists()  # figure_images: 1
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["device"] == "cpu" and torch.__version__.startswith(info["versions"]["torch"])
+    assert [s["path"].endswith("broken.png") for s in info["skipped_images"]] == [True]
+    assert "broken.png" in result.output  # the warning names the file
+
+    with np.load(out / "maps" / "img0.npz") as maps:
+        assert maps["cascading/gradient/0"].shape == (3, 48, 48)
+        assert maps["cascading/gradcam/5"].shape == (1, 48, 48)
+
+
+def test_run_is_deterministic(project: Path) -> None:
+    config = str(project / "config.yaml")
+    first = runner.invoke(app, ["run", config, "--set", "output.figures=false"])
+    assert first.exit_code == 0, first.output
+    report = (project / "out" / "report.csv").read_bytes()
+    second = runner.invoke(app, ["run", config, "--set", "output.figures=false"])
+    assert second.exit_code == 0, second.output
+    assert (project / "out" / "report.csv").read_bytes() == report
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("tests.cascading.order=sideways", "tests.cascading.order"),
+        ("methods=[{name: gradcam, layer: nope}]", "methods[0].layer"),
+        ("methods=[{name: integrated_gradients, stepz: 3}]", "methods[0].stepz"),
+        ("methods=[telepathy]", "telepathy"),
+        ("images.path=missing", "images.path"),
+        ("model.weights=missing.pt", "model.weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(project: Path, override: str, needle: str) -> None:
+    for command in ("run", "validate"):
+        result = runner.invoke(app, [command, str(project / "config.yaml"), "--set", override])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output
+        assert "Traceback" not in result.output
+        assert result.output.strip().startswith("error:")
+
+
+def test_validate_does_not_run(project: Path) -> None:
+    result = runner.invoke(app, ["validate", str(project / "config.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output and "5 images (1 unreadable)" in result.output
+    assert not (project / "out").exists()
+
+
+def test_init_writes_a_valid_commented_config(tmp_path: Path) -> None:
+    path = tmp_path / "starter.yaml"
+    result = runner.invoke(app, ["init", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.read_text().count("#") > 40
+    assert runner.invoke(app, ["init", str(path)]).exit_code == 2  # no silent overwrite
+    from saliencycheck.config import load_config
+
+    load_config(path)
+
+
+def test_methods_lists_the_registry() -> None:
+    result = runner.invoke(app, ["methods"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ("gradient", "gradient_x_input", "integrated_gradients", "guided_backprop",
+                 "deconvnet", "gradcam", "guided_gradcam", "smoothgrad", "vargrad", "custom"):
+        assert name in result.output
