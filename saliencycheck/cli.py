@@ -10,7 +10,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ err_console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
 
@@ -47,7 +47,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 @app.command()
 def run(config: ConfigArg, overrides: SetOption = None,
-        output: Annotated[Optional[Path], typer.Option("--output", "-o",
+        output: Annotated[Path | None, typer.Option("--output", "-o",
                           help="Output folder (overrides output.dir).")] = None) -> None:
     """Run the configured sanity checks and write reports and figures."""
     from saliencycheck.runner import prepare, run_check
@@ -96,7 +96,7 @@ def _fmt(value: float) -> str:
 
 
 def _print_summary(result) -> None:  # noqa: ANN001
-    metrics = sorted({s.metric for s in result.summary}, key=lambda m: (m != "spearman_abs", m))
+    metrics = result.metrics
     for test, final in result.final_stage.items():
         table = Table(title=f"{test}: similarity to the trained model's maps at the final stage "
                             f"({final}), mean over images", title_justify="left")
@@ -105,11 +105,14 @@ def _print_summary(result) -> None:  # noqa: ANN001
             table.add_column(metric, justify="right")
         rows = {(s.method, s.metric): s for s in result.summary
                 if s.test == test and s.stage_index == final}
-        for method in dict.fromkeys(s.method for s in result.summary if s.test == test):
+        for method in result.methods:
             table.add_row(method, *[_fmt(rows[(method, m)].mean) if (method, m) in rows else "-"
                                     for m in metrics])
         console.print(table)
-    console.print(f"outputs in {result.output_dir} (report.csv, summary.csv, stages.csv, "
+    if any(math.isnan(s.mean) for s in result.summary):
+        console.print("n/a: undefined for every image, e.g. a constant (all-zero) map; "
+                      "report.csv says why in its note column", highlight=False)
+    console.print(f"outputs in {result.output_dir.resolve()} (report.csv, summary.csv, stages.csv, "
                   f"figures/, run.json); compute {result.timings.get('compute_s', 0):.1f} s",
                   highlight=False)
 

@@ -8,7 +8,7 @@ and the README reference are generated from them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -77,7 +77,7 @@ class ImagesConfig(Section):
         None,
         description="Per-channel normalisation std. Default: the weights' own, else ImageNet's.",
     )
-    target: Union[Literal["predicted", "label"], Annotated[int, Field(ge=0)]] = Field(
+    target: Literal["predicted", "label"] | Annotated[int, Field(ge=0)] = Field(
         "predicted",
         description=(
             "The class each map explains: 'predicted' (the trained model's top class), 'label' "
@@ -86,7 +86,10 @@ class ImagesConfig(Section):
     )
     labels: str | None = Field(
         None,
-        description="CSV with columns 'image,label' (file name or path relative to images.path).",
+        description=(
+            "CSV with columns image,label (image: the file name or the path relative to "
+            "images.path). Needed for target: label."
+        ),
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many images (sorted).")
 
@@ -122,7 +125,9 @@ class IndependentConfig(Section):
 
 
 class TestsConfig(Section):
-    cascading: CascadingConfig = Field(default_factory=CascadingConfig, description="Cascading test.")
+    cascading: CascadingConfig = Field(
+        default_factory=CascadingConfig, description="Cascading test."
+    )
     independent: IndependentConfig = Field(
         default_factory=IndependentConfig, description="Independent test."
     )
@@ -152,7 +157,9 @@ METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
 class PostprocessConfig(Section):
     abs_reduction: Literal["sum_abs", "abs_sum", "max_abs"] = Field(
         "sum_abs",
-        description="Channel reduction of the absolute map (original recipe: sum of |map|).",
+        description=(
+            "Channel reduction of the absolute map (original recipe: sum of absolute values)."
+        ),
     )
     signed_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Channel reduction of the signed (diverging) map."
@@ -203,7 +210,9 @@ class Config(Section):
     postprocess: PostprocessConfig = Field(
         default_factory=PostprocessConfig, description="Map normalisation before comparison."
     )
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and batching.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Device and batching."
+    )
     output: OutputConfig = Field(default_factory=OutputConfig, description="What is written where.")
 
     @field_validator("metrics")
@@ -280,7 +289,9 @@ def apply_overrides(data: Any, overrides: list[str], *, source: str | Path) -> A
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. runtime.device=cpu")
+            raise ConfigError(
+                f"--set {item!r}: expected section.key=value, e.g. runtime.device=cpu"
+            )
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

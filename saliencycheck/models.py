@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -151,7 +152,9 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
         try:
             module = factory(**kwargs)
         except TypeError as exc:
-            raise ConfigError(f"model.factory_kwargs: {cfg.factory} rejected them ({exc})") from None
+            raise ConfigError(
+                f"model.factory_kwargs: {cfg.factory} rejected them ({exc})"
+            ) from None
         if not isinstance(module, nn.Module):
             raise ModelError(f"model.factory: {cfg.factory} returned {type(module).__name__}, "
                              "not a torch.nn.Module")
@@ -209,7 +212,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"runtime.device: {name!r} is not a device; use auto, cpu or cuda") from None
+        raise ConfigError(
+            f"runtime.device: {name!r} is not a device; use auto, cpu or cuda"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device: CUDA requested but not available; use auto or cpu")
     return device

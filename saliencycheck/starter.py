@@ -36,7 +36,8 @@ def _comment(text: str, indent: str) -> list[str]:
 
 
 def _scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=200).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=200)
+    return text.strip().removesuffix("...").strip()
 
 
 def _section(model: BaseModel, indent: str) -> list[str]:

@@ -101,7 +101,8 @@ def test_run_writes_every_output(project: Path) -> None:
     assert all(float(r["logit_relative_l2"]) > 0 for r in cascading[1:])
 
     for name in ("cascading", "independent"):
-        for png in (out / "figures" / "img0" / f"{name}.png", out / "figures" / f"curves_{name}.png"):
+        figures = out / "figures"
+        for png in (figures / "img0" / f"{name}.png", figures / f"curves_{name}.png"):
             with Image.open(png) as image:
                 image.load()
                 assert image.size[0] > 200

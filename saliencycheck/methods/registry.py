@@ -47,7 +47,7 @@ class ResolvedMethod:
         model: nn.Module,
         inputs: Tensor,
         targets: Tensor,
-        context: AttributionContext = AttributionContext(),
+        context: AttributionContext = AttributionContext(),  # noqa: B008 (frozen, immutable)
     ) -> Tensor:
         """The raw signed map, ``(N, C, H, W)`` or ``(N, 1, H, W)``; see ``methods.base``."""
         return self.spec.fn(model, inputs, targets, context, **dict(self.params))

@@ -64,9 +64,13 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     """Each metric against the stage, one line per method: mean with its 95 % CI band."""
     rows = [s for s in summary if s.test == test]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False,
-                             sharex=True)
-    for ax, metric in zip(axes[0], metrics):
+    cols = min(3, len(metrics))
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    flat = axes.ravel()
+    for ax in flat[len(metrics):]:
+        ax.axis("off")
+    for ax, metric in zip(flat, metrics):
         by_method: dict[str, list[SummaryRow]] = defaultdict(list)
         for s in rows:
             if s.metric == metric:
@@ -83,8 +87,11 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
         ax.set_xticks([i for i, _ in stages])
         ax.set_xticklabels([name for _, name in stages], rotation=70, fontsize=6)
         ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
-    axes[0][0].set_ylabel("similarity to the trained model's map")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    for row in axes:
+        row[0].set_ylabel("similarity to trained map", fontsize=8)
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower right" if len(metrics) % cols else
+               "upper right", ncols=1 if len(metrics) % cols else len(labels))
     fig.suptitle(f"{test} randomization (mean and 95 % CI over images)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,9 @@ def write_report(path: Path, rows: list[ScoreRow]) -> None:
     _write(path, ROW_FIELDS, [asdict(r) for r in sort_rows(rows)])
 
 
-def mean_confidence_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
+def mean_confidence_interval(
+    values: np.ndarray, level: float = 0.95
+) -> tuple[float, float, float, float]:
     """Mean, sample std and Student-t confidence interval of the defined (non-NaN) values."""
     n = len(values)
     if n == 0:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -114,7 +114,8 @@ class UnitExecutor:
                     key = figure_key(ids[i], test, method)
                     stack = result.figure_maps.get(key)
                     frame = shown[row][None].astype(np.float16)
-                    result.figure_maps[key] = frame if stack is None else np.concatenate([stack, frame])
+                    result.figure_maps[key] = (
+                        frame if stack is None else np.concatenate([stack, frame]))
             if setup.config.output.save_maps:
                 array = candidate.detach().cpu().numpy()
                 for i, image in enumerate(ids):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class RunResult:
 
     output_dir: Path
     summary: list[SummaryRow]
+    methods: list[str]  # labels, in config order
+    metrics: list[str]  # in config order
     final_stage: dict[str, int]
     units_done: int
     units_total: int
@@ -105,7 +107,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(store.unit_ids()),
                    units_total=units_total)
-    return RunResult(output_dir=out, summary=summary, final_stage=final_stage,
+    return RunResult(output_dir=out, summary=summary,
+                     methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
+                     final_stage=final_stage,
                      units_done=len(store.unit_ids()), units_total=units_total, timings=timings)
 
 

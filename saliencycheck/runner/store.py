@@ -49,7 +49,8 @@ class UnitResult:
     unit_id: str
     rows: list[ScoreRow] = field(default_factory=list)
     stages: list[StageObservation] = field(default_factory=list)
-    figure_maps: dict[str, np.ndarray] = field(default_factory=dict)  # "image|test|method" -> (S,H,W)
+    # "image|test|method" -> (stages, H, W) absolute maps of the images that get figures
+    figure_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -1,0 +1,56 @@
+"""Runner behaviour: units stored as they finish, interruption loses nothing finished."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saliencycheck.config import load_config
+from saliencycheck.runner import prepare, run_check
+from saliencycheck.runner.plan import plan_units
+from tests.test_cli import project  # noqa: F401  (fixture)
+
+
+def test_plan_units_covers_every_image_once() -> None:
+    units = plan_units(7, batch_size=3)
+    assert [u.image_indices for u in units] == [(0, 1, 2), (3, 4, 5), (6,)]
+    assert len({u.id for u in units}) == 3
+
+
+def test_interrupt_keeps_finished_units(project: Path) -> None:  # noqa: F811
+    config = project / "config.yaml"
+    setup = prepare(load_config(config, ["runtime.batch_size=2", "output.figures=false"]))
+    calls = {"n": 0}
+    per_unit = 1 + sum(len(s) for s in setup.stages.values())
+
+    def progress(steps: int, total: int, text: str) -> None:
+        calls["n"] += steps
+        if calls["n"] > per_unit:  # the second unit has started
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_check(setup, progress=progress)
+    out = project / "out"
+    with (out / "report.csv").open() as fh:
+        images = {row["image"] for row in csv.DictReader(fh)}
+    assert images == {"img0.png", "img1.png"}  # the first unit (2 images) survived
+    info = json.loads((out / "run.json").read_text())
+    assert (info["units_done"], info["units_total"]) == (1, 3)
+
+
+def test_recompute_target_explains_the_randomized_models_class(project: Path) -> None:  # noqa: F811
+    data = yaml.safe_load((project / "config.yaml").read_text())
+    data["tests"]["target_on_randomized"] = "recompute"
+    data["methods"] = ["gradient"]
+    (project / "config.yaml").write_text(yaml.safe_dump(data))
+    setup = prepare(load_config(project / "config.yaml", ["output.figures=false"]))
+    result = run_check(setup)
+    with (result.output_dir / "report.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    changed = [r for r in rows if r["target"] != r["target_explained"]]
+    assert changed, "randomized models predict other classes, so some targets must differ"
+    assert all(r["stage_index"] != "0" for r in changed)
