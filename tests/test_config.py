@@ -100,3 +100,23 @@ def test_starter_config_round_trips_to_the_defaults() -> None:
     assert cfg.metrics == default.metrics
     assert [m if isinstance(m, str) else m.name for m in cfg.methods][:2] == [
         "gradient", "gradient_x_input"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from saliencycheck.runner.setup import resolve_methods
+
+    loaded = load_config(path)
+    resolve_methods(loaded.config)  # method parameters too (no model needed)
+
+
+def test_readme_config_reference_is_current() -> None:
+    """The README table is generated from the schema; regenerate it when a field changes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    table = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py")],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert table in (root / "README.md").read_text()
