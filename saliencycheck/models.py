@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from saliencycheck.config import ModelConfig
 from saliencycheck.errors import ConfigError, ModelError
+from saliencycheck.imports import import_callable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,21 +36,6 @@ class LoadedModel:
     module: nn.Module
     weights_source: str
     preprocessing: Preprocessing | None  # the torchvision weights' own, when weights were named
-
-
-def import_callable(spec: str, *, field: str) -> Callable[..., Any]:
-    """Import 'package.module:function'; only ever called on a name the user wrote."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{field}: expected 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{field}: cannot import {module_name!r} ({exc})") from None
-    target = getattr(module, attr, None)
-    if not callable(target):
-        raise ConfigError(f"{field}: {module_name!r} has no callable {attr!r}")
-    return target
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
@@ -145,7 +130,10 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
     weights_source = "random initialisation"
     checkpoint: Path | None = None
     if cfg.factory:
-        factory = import_callable(cfg.factory, field="model.factory")
+        try:
+            factory = import_callable(cfg.factory)
+        except ValueError as exc:
+            raise ConfigError(f"model.factory: {exc}") from None
         kwargs = dict(cfg.factory_kwargs)
         if cfg.num_classes is not None:
             kwargs.setdefault("num_classes", cfg.num_classes)
@@ -225,7 +213,9 @@ def get_submodule(model: nn.Module, path: str, *, field: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        names = [n for n, _ in model.named_children()][:8]
+        names = [n for n, _ in model.named_children()]
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
         raise ModelError(
-            f"{field}: the model has no module {path!r}; top-level modules are {', '.join(names)}"
+            f"{field}: the model has no module {path!r}; use a dotted module path; the top-level "
+            f"modules are {shown}"
         ) from None

@@ -77,6 +77,7 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    model.zero_grad(set_to_none=True)  # hand back a clean model, as if loaded from a checkpoint
     return model.eval()
 
 

@@ -493,7 +493,7 @@ def test_gradcam_keeps_activations_from_later_inplace_ops() -> None:
 
 def test_gradcam_unknown_layer_lists_modules() -> None:
     model, inputs, targets = arch("resnet18")
-    with pytest.raises(ModelError, match=r"'layer9' not found.*layer4, avgpool, fc"):
+    with pytest.raises(ModelError, match=r"no module 'layer9'.*layer4, avgpool, fc"):
         resolve_method({"name": "gradcam", "layer": "layer9"})(model, inputs, targets)
 
 

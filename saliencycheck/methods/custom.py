@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,27 +9,9 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from saliencycheck.errors import ConfigError, MethodError
+from saliencycheck.imports import import_callable
 from saliencycheck.methods.base import AttributionContext, check_call
 from saliencycheck.methods.registry import MethodParams, register_method
-
-
-def import_callable(path: str) -> Callable[..., Any]:
-    """The object at ``"package.module:attr.attr"``; ValueError saying what failed otherwise."""
-    module_name, sep, qualname = path.partition(":")
-    if not (sep and module_name and qualname):
-        raise ValueError(f"{path!r} is not of the form 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for attr in qualname.split("."):
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"cannot import {path!r} ({type(err).__name__}: {err}); make it importable or fix "
-            "the name"
-        ) from None
-    if not callable(obj):
-        raise ValueError(f"{path!r} is a {type(obj).__name__}, not a function")
-    return obj
 
 
 class CustomParams(MethodParams):

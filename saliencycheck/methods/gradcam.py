@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from saliencycheck.errors import MethodError
 from saliencycheck.methods.base import AttributionContext, check_call, target_logits
-from saliencycheck.methods.layers import default_layer, get_layer
+from saliencycheck.methods.layers import default_layer
 from saliencycheck.methods.modified_relu import modified_relu_gradients
 from saliencycheck.methods.registry import MethodParams, register_method
+from saliencycheck.models import get_submodule
 
 
 class GradCamParams(MethodParams):
@@ -65,7 +66,7 @@ def gradcam_maps(
 ) -> Tensor:
     """Grad-CAM upsampled to the input size, shape (N, 1, H, W); see :func:`gradcam`."""
     path = layer if layer is not None else default_layer(model, inputs)
-    module = get_layer(model, path)
+    module = get_submodule(model, path, field="layer")
     maps = []
     with torch.enable_grad():
         for x, t in zip(inputs.split(context.chunk_size), targets.split(context.chunk_size)):

@@ -9,19 +9,6 @@ from torch.utils.hooks import RemovableHandle
 from saliencycheck.errors import ModelError
 
 
-def get_layer(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path`` (e.g. ``"layer4"``, ``"features.28"``), or ModelError."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        names = [name for name, _ in model.named_children()]
-        shown = ", ".join(names[-6:]) + (", ..." if len(names) > 6 else "")
-        raise ModelError(
-            f"layer {path!r} not found in the model; use a dotted module path, the top-level "
-            f"modules include: {shown}"
-        ) from None
-
-
 def default_layer(model: nn.Module, inputs: Tensor) -> str:
     """Name of the last top-level child (``named_children`` order) that holds parameters, ran
     in a forward of ``inputs[:1]``, and output a 4-D feature map larger than 1×1.

@@ -7,7 +7,7 @@ the images load and every method's parameters are valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from saliencycheck.data import (
 )
 from saliencycheck.errors import ConfigError, DataError, SaliencyCheckError
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
+from saliencycheck.methods.layers import default_layer
 from saliencycheck.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -93,6 +94,18 @@ def check_layers(model: nn.Module, methods: list[ResolvedMethod]) -> None:
             get_submodule(model, layer, field=f"methods[{index}].layer")
 
 
+def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
+                        example: torch.Tensor) -> list[ResolvedMethod]:
+    """Fix Grad-CAM's default layer once per run (recorded in run.json), not once per call."""
+    resolved = []
+    for method in methods:
+        if "layer" in type(method.params).model_fields and method.params.layer is None:
+            layer = default_layer(model, example)
+            method = replace(method, params=method.params.model_copy(update={"layer": layer}))
+        resolved.append(method)
+    return resolved
+
+
 def prepare(loaded: LoadedConfig) -> RunSetup:
     """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages)."""
     config = loaded.config
@@ -140,6 +153,7 @@ def prepare(loaded: LoadedConfig) -> RunSetup:
     if labels and max(labels.values()) >= num_classes:
         raise DataError(f"images.labels: a label exceeds the model's {num_classes} classes")
 
+    methods = with_default_layers(methods, model, example)
     tests = config.tests
     blocks, stages = {}, {}
     for name in TESTS:
