@@ -124,7 +124,7 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
 
     try:
         loaded = load_config(config, overrides)
-        setup = prepare(loaded)
+        setup = prepare(loaded, probe_methods=True)
     except SaliencyCheckError as exc:
         raise fail(exc) from None
     stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"

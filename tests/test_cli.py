@@ -34,6 +34,12 @@ def tiny_cnn(num_classes: int = 4) -> nn.Module:
     return model
 
 
+def tanh_cnn(num_classes: int = 4) -> nn.Module:
+    """No ReLU anywhere: guided backprop is undefined on it."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
     images = tmp_path / "images"
@@ -143,9 +149,18 @@ def test_bad_input_is_one_line_and_exit_2(project: Path, override: str, needle: 
     for command in ("run", "validate"):
         result = runner.invoke(app, [command, str(project / "config.yaml"), "--set", override])
         assert result.exit_code == 2, result.output
-        assert needle in result.output
+        assert needle in result.output and "config.yaml" in result.output
         assert "Traceback" not in result.output
         assert result.output.strip().startswith("error:")
+
+
+def test_validate_probes_each_method_on_the_model(project: Path) -> None:
+    result = runner.invoke(app, ["validate", str(project / "config.yaml"),
+                                 "--set", "model.factory=tests.test_cli:tanh_cnn",
+                                 "--set", "methods=[gradient, guided_backprop]"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: config.yaml: methods[1] (guided_backprop):")
+    assert "no ReLU" in result.output and "Traceback" not in result.output
 
 
 def test_validate_does_not_run(project: Path) -> None:

@@ -116,7 +116,8 @@ def target_logits(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
             f"target class out of range for a model with {out.shape[1]} outputs "
             f"(got {int(targets.min())}..{int(targets.max())})"
         )
-    return out.gather(1, targets[:, None]).squeeze(1)
+    index = targets[:, None].clone()  # a normal tensor even if targets came from inference mode
+    return out.gather(1, index).squeeze(1)
 
 
 def input_gradients(

@@ -106,8 +106,35 @@ def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
     return resolved
 
 
-def prepare(loaded: LoadedConfig) -> RunSetup:
-    """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages)."""
+def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
+    """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages).
+
+    Errors name the config file first, then the field. `probe_methods` runs every method once
+    on one image, so `validate` also catches methods this model cannot support (e.g. guided
+    backprop on a network without ReLU, or a custom callable returning the wrong shape).
+    """
+    try:
+        setup = _prepare(loaded)
+        if probe_methods:
+            probe(setup)
+    except SaliencyCheckError as exc:
+        raise type(exc)(f"{loaded.source.name}: {exc}") from None
+    return setup
+
+
+def probe(setup: RunSetup) -> None:
+    """Run each method once on the first image; raise its error with the method's YAML path."""
+    inputs = setup.images[0].tensor[None].to(setup.device)
+    with torch.inference_mode():
+        target = setup.model(inputs).argmax(dim=1)
+    for index, method in enumerate(setup.methods):
+        try:
+            method(setup.model, inputs, target, setup.context)
+        except SaliencyCheckError as exc:
+            raise type(exc)(f"methods[{index}] ({method.label}): {exc}") from None
+
+
+def _prepare(loaded: LoadedConfig) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
