@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saliencycheck.methods.shared import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.postprocess import PostprocessOptions, absolute
 from saliencycheck.randomization import RandomizedModels
@@ -61,7 +62,7 @@ class UnitExecutor:
         with torch.inference_mode():
             logits = setup.model(inputs)
         targets = compute_targets(setup, ids, logits)
-        trained = {m.label: m(setup.model, inputs, targets, setup.context) for m in setup.methods}
+        trained = compute_maps(setup.methods, setup.model, inputs, targets, setup.context)
         progress(1, f"{unit.id}: trained model")
 
         for test, stages in setup.stages.items():
@@ -76,8 +77,7 @@ class UnitExecutor:
                     stage_logits = model(inputs)
                 explained = (stage_logits.argmax(dim=1)
                              if tests.target_on_randomized == "recompute" else targets)
-                maps = {m.label: m(model, inputs, explained, setup.context)
-                        for m in setup.methods}
+                maps = compute_maps(setup.methods, model, inputs, explained, setup.context)
                 change = relative_logit_change(logits, stage_logits)
                 agree = (stage_logits.argmax(1) == logits.argmax(1)).float()
                 result.stages.append(StageObservation(
