@@ -8,8 +8,6 @@ signed map, ``(N, C, H, W)`` or ``(N, 1, H, W)``. Methods never normalise their 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -118,28 +116,3 @@ def target_logits(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
         )
     index = targets[:, None].clone()  # a normal tensor even if targets came from inference mode
     return out.gather(1, index).squeeze(1)
-
-
-def input_gradients(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    chunk_size: int,
-    forward_context: Callable[[], AbstractContextManager] = nullcontext,
-) -> Tensor:
-    """∂ logit[target] / ∂ input for every row, ``chunk_size`` rows per pass; inputs' shape.
-
-    The forward of each chunk runs inside ``forward_context()`` (e.g. a ReLU rule mode).
-    Gradients are taken w.r.t. a detached copy of the inputs only: parameters' ``.grad`` and
-    the caller's tensors are left alone, and it works inside ``torch.no_grad()``.
-    """
-    grads = []
-    with torch.enable_grad():
-        for x, t in zip(inputs.split(chunk_size), targets.split(chunk_size)):
-            x = x.detach().clone().requires_grad_(True)
-            with forward_context():
-                score = target_logits(model, x, t).sum()
-            (grad,) = torch.autograd.grad(score, x)
-            grads.append(grad)
-    return torch.cat(grads)

@@ -7,12 +7,18 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from saliencycheck.errors import MethodError
-from saliencycheck.methods.base import AttributionContext, check_call, target_logits
+from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.layers import default_layer
-from saliencycheck.methods.modified_relu import modified_relu_gradients
-from saliencycheck.methods.registry import MethodParams, register_method
-from saliencycheck.models import get_submodule
+from saliencycheck.methods.passes import (
+    LayerPair,
+    MethodPlan,
+    Request,
+    RowMaps,
+    RowSource,
+    input_gradient_maps,
+    planned_method,
+)
+from saliencycheck.methods.registry import MethodParams
 
 
 class GradCamParams(MethodParams):
@@ -25,91 +31,52 @@ class GradCamParams(MethodParams):
     )
 
 
-def _layer_activations_and_grads(
-    model: nn.Module, layer: nn.Module, x: Tensor, targets: Tensor, path: str
-) -> tuple[Tensor, Tensor]:
-    """The layer's output A (rows, K, h, w) and ∂ logit[target] / ∂A for one chunk.
-
-    A forward hook keeps the layer's original output as A and passes a clone downstream, so a
-    later in-place op (DenseNet's ``F.relu(features, inplace=True)``) cannot overwrite A. If the
-    layer runs several times in one forward, the last call is used.
-    """
-    captured: list[Tensor] = []
-
-    def hook(module: nn.Module, args: object, output: object) -> Tensor:
-        if not (isinstance(output, Tensor) and output.ndim == 4):
-            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise MethodError(
-                f"gradcam: layer {path!r} outputs {got}, not a (N, K, h, w) feature map; choose "
-                "a convolutional layer"
-            )
-        captured.append(output)
-        return output.clone()
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        score = target_logits(model, x, targets).sum()
-    finally:
-        handle.remove()
-    if not captured:
-        raise MethodError(f"gradcam: layer {path!r} did not run in the forward; choose another")
-    activations = captured[-1]
-    (grads,) = torch.autograd.grad(score, activations, allow_unused=True)
-    if grads is None:
-        raise MethodError(f"gradcam: layer {path!r} does not affect the logits; choose another")
-    return activations.detach(), grads
+def _cam(inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> Tensor:
+    """``ReLU(Σ_k α_k A_k)``, α_k = spatial mean of ∂score/∂A_k, upsampled: (rows, 1, H, W)."""
+    activations, layer_grads = pair
+    alpha = layer_grads.mean(dim=(2, 3), keepdim=True)
+    cam = (alpha * activations).sum(dim=1, keepdim=True).clamp(min=0)
+    return F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)
 
 
-def gradcam_maps(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext,
-    *, layer: str | None,
-) -> Tensor:
-    """Grad-CAM upsampled to the input size, shape (N, 1, H, W); see :func:`gradcam`."""
-    path = layer if layer is not None else default_layer(model, inputs)
-    module = get_submodule(model, path, field="layer")
-    maps = []
-    with torch.enable_grad():
-        for x, t in zip(inputs.split(context.chunk_size), targets.split(context.chunk_size)):
-            x = x.detach().clone().requires_grad_(True)
-            activations, grads = _layer_activations_and_grads(model, module, x, t, path)
-            alpha = grads.mean(dim=(2, 3), keepdim=True)
-            cam = (alpha * activations).sum(dim=1, keepdim=True).clamp(min=0)
-            maps.append(
-                F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)
-            )
-    return torch.cat(maps)
+def _cam_maps(model: nn.Module, source: RowSource, layer: str | None) -> RowMaps:
+    if layer is None:
+        layer = default_layer(model, source.build(torch.arange(1))[0])
+    return RowMaps(fn=_cam, count=source.count, layer=layer)
 
 
-@register_method(
+@planned_method(
     "gradcam",
     params=GradCamParams,
     description="ReLU of the feature maps weighted by their mean gradient, upsampled",
 )
 def gradcam(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext,
-    *, layer: str | None,
-) -> Tensor:
+    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None
+) -> MethodPlan:
     """``ReLU(Σ_k α_k A_k)`` with ``α_k`` the spatial mean of ∂ logit[target] / ∂A_k.
 
-    A is the ``layer``'s output; the map is upsampled bilinearly (align_corners=False) to the
-    input size. Shape (N, 1, H, W), non-negative.
+    A is the ``layer``'s output (captured in the plain pass of the images, shared with the
+    gradient); the map is upsampled bilinearly (align_corners=False) to the input size.
+    Shape (N, 1, H, W), non-negative.
     """
-    check_call(model, inputs, targets, "gradcam")
-    return gradcam_maps(model, inputs, targets, context, layer=layer)
+    cams = _cam_maps(model, source, layer)
+    return MethodPlan([Request("plain", source, cams, "gradcam")], cams.result)
 
 
-@register_method(
+@planned_method(
     "guided_gradcam",
     params=GradCamParams,
     description="guided backprop × upsampled Grad-CAM",
 )
 def guided_gradcam(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext,
-    *, layer: str | None,
-) -> Tensor:
-    """Guided Backprop × Grad-CAM (broadcast over channels), shape (N, C, H, W)."""
-    check_call(model, inputs, targets, "guided_gradcam")
-    guided = modified_relu_gradients(
-        model, inputs, targets, context, rule="guided", name="guided_gradcam"
+    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None
+) -> MethodPlan:
+    """Guided Backprop × Grad-CAM (broadcast over channels), shape (N, C, H, W); both factors
+    come from the passes guided_backprop and gradcam already make."""
+    guided = input_gradient_maps(source.count)
+    cams = _cam_maps(model, source, layer)
+    return MethodPlan(
+        [Request("guided", source, guided, "guided_gradcam"),
+         Request("plain", source, cams, "guided_gradcam")],
+        lambda: guided.result() * cams.result(),
     )
-    return guided * gradcam_maps(model, inputs, targets, context, layer=layer)

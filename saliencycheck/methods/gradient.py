@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from saliencycheck.methods.base import AttributionContext, check_call, input_gradients
-from saliencycheck.methods.registry import register_method
+from saliencycheck.methods.base import AttributionContext
+from saliencycheck.methods.passes import (
+    MethodPlan,
+    Request,
+    RowMaps,
+    RowSource,
+    input_gradient_maps,
+    planned_method,
+)
 
 
-@register_method("gradient", description="∂ logit of the target class / ∂ input")
-def gradient(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext
-) -> Tensor:
+@planned_method("gradient", description="∂ logit of the target class / ∂ input")
+def gradient(model: nn.Module, source: RowSource, context: AttributionContext) -> MethodPlan:
     """∂ logit[target] / ∂ input (pre-softmax score), shape (N, C, H, W)."""
-    check_call(model, inputs, targets, "gradient")
-    return input_gradients(model, inputs, targets, chunk_size=context.chunk_size)
+    maps = input_gradient_maps(source.count)
+    return MethodPlan([Request("plain", source, maps, "gradient")], maps.result)
 
 
-@register_method("gradient_x_input", description="gradient × (normalised) input")
+@planned_method("gradient_x_input", description="gradient × (normalised) input")
 def gradient_x_input(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext
-) -> Tensor:
-    """Gradient times the normalised input, shape (N, C, H, W)."""
-    check_call(model, inputs, targets, "gradient_x_input")
-    return inputs * input_gradients(model, inputs, targets, chunk_size=context.chunk_size)
+    model: nn.Module, source: RowSource, context: AttributionContext
+) -> MethodPlan:
+    """Gradient times the normalised input, shape (N, C, H, W); shares the gradient's pass."""
+    maps = RowMaps(fn=lambda inputs, grads, pair: inputs * grads, count=source.count)
+    return MethodPlan([Request("plain", source, maps, "gradient_x_input")], maps.result)

@@ -9,13 +9,9 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from saliencycheck.errors import ConfigError
-from saliencycheck.methods.base import AttributionContext, check_call
-from saliencycheck.methods.registry import (
-    MethodParams,
-    available_methods,
-    register_method,
-    resolve_method,
-)
+from saliencycheck.methods.base import AttributionContext
+from saliencycheck.methods.passes import MethodPlan, RowSource, planned_method
+from saliencycheck.methods.registry import MethodParams, available_methods, resolve_method
 
 _WRAPPERS = ("smoothgrad", "vargrad")
 
@@ -64,69 +60,83 @@ class VarGradParams(_NoiseParams):
     samples: int = Field(25, ge=1, description="noisy copies per image (paper: 25)")
 
 
-def noise_tunnel(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext, *,
-    of: str, of_params: dict[str, Any], samples: int, noise: float,
-    statistic: Literal["mean", "variance"],
-) -> Tensor:
-    """Mean or population variance of ``of``'s maps over noisy copies; shape of ``of``'s maps.
+def noisy_source(source: RowSource, context: AttributionContext, *, samples: int,
+                 noise: float) -> RowSource:
+    """``samples`` noisy copies of every row, image-major (row ``i·samples + s``).
 
     Copy s of image i is ``x_i + noise · (max x_i − min x_i) · ε_s``, with
     ``ε = randn((samples, C, H, W))`` (float32 on the CPU, then cast, so it depends on neither
-    dtype nor device) from a generator seeded with ``context.seed``: the same
-    ε_s for every image and every call, so a map depends neither on the other images in the
-    batch nor on ``chunk_size``. The copies of ``chunk_size // samples`` images (at least one)
-    go to the inner method in one call, which chunks them further.
+    dtype nor device) from a generator seeded with ``context.seed``: the same ε_s for every
+    image, every call and every model, so a map depends neither on the other images in the
+    batch nor on ``chunk_size``, and smoothgrad and vargrad with equal samples and noise share
+    their noisy rows.
     """
-    inner = resolve_method({**of_params, "name": of})
+    example, _ = source.build(torch.arange(1))
     generator = torch.Generator().manual_seed(context.seed)
-    eps = torch.randn((samples, *inputs.shape[1:]), generator=generator).to(inputs)
-    flat = inputs.flatten(1)
-    sigma = noise * (flat.amax(dim=1) - flat.amin(dim=1))
-    group = max(1, context.chunk_size // samples)
-    maps = []
-    for x, t, s in zip(inputs.split(group), targets.split(group), sigma.split(group)):
-        noisy = (x[:, None] + s[:, None, None, None, None] * eps[None]).flatten(0, 1)
-        inner_maps = inner(model, noisy, t.repeat_interleave(samples), context)
-        inner_maps = inner_maps.unflatten(0, (x.shape[0], samples))
-        if statistic == "mean":
-            maps.append(inner_maps.mean(dim=1))
-        else:
-            maps.append(inner_maps.var(dim=1, correction=0))
-    return torch.cat(maps)
+    eps = torch.randn((samples, *example.shape[1:]), generator=generator).to(example)
+
+    def build(index: Tensor) -> tuple[Tensor, Tensor]:
+        inputs, targets = source.build(index // samples)
+        flat = inputs.flatten(1)
+        sigma = noise * (flat.amax(dim=1) - flat.amin(dim=1))
+        return inputs + sigma.view(-1, 1, 1, 1) * eps[(index % samples).to(eps.device)], targets
+
+    return RowSource(key=("noise", source.key, samples, noise, context.seed),
+                     count=source.count * samples, build=build)
 
 
-@register_method(
+def noise_tunnel(
+    model: nn.Module, source: RowSource, context: AttributionContext, *,
+    of: str, of_params: dict[str, Any], samples: int, noise: float,
+    statistic: Literal["mean", "variance"],
+) -> MethodPlan:
+    """Mean or population variance of ``of``'s maps over the noisy copies of
+    :func:`noisy_source`; shape of ``of``'s maps. A planned inner method's rows join the shared
+    passes; any other (``custom``) is called on the noisy copies directly."""
+    inner = resolve_method({**of_params, "name": of})
+    noisy = noisy_source(source, context, samples=samples, noise=noise)
+    if inner.spec.plan is not None:
+        plan = inner.spec.plan(model, noisy, context, **dict(inner.params))
+        requests, inner_maps = plan.requests, plan.finish
+    else:
+        requests = []
+
+        def inner_maps() -> Tensor:
+            inputs, targets = noisy.build(torch.arange(noisy.count))
+            return inner(model, inputs, targets, context)
+
+    def finish() -> Tensor:
+        maps = inner_maps().unflatten(0, (source.count, samples))
+        return maps.mean(dim=1) if statistic == "mean" else maps.var(dim=1, correction=0)
+
+    return MethodPlan(requests, finish)
+
+
+@planned_method(
     "smoothgrad",
     params=SmoothGradParams,
     description="mean of a method's maps over noisy copies of the input",
 )
 def smoothgrad(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext, *,
+    model: nn.Module, source: RowSource, context: AttributionContext, *,
     of: str, of_params: dict[str, Any], samples: int, noise: float,
-) -> Tensor:
+) -> MethodPlan:
     """SmoothGrad: the mean over ``samples`` noisy copies; see :func:`noise_tunnel`."""
-    check_call(model, inputs, targets, "smoothgrad")
-    return noise_tunnel(
-        model, inputs, targets, context,
-        of=of, of_params=of_params, samples=samples, noise=noise, statistic="mean",
-    )
+    return noise_tunnel(model, source, context, of=of, of_params=of_params, samples=samples,
+                        noise=noise, statistic="mean")
 
 
-@register_method(
+@planned_method(
     "vargrad",
     params=VarGradParams,
     description="variance of a method's maps over noisy copies of the input",
 )
 def vargrad(
-    model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext, *,
+    model: nn.Module, source: RowSource, context: AttributionContext, *,
     of: str, of_params: dict[str, Any], samples: int, noise: float,
-) -> Tensor:
+) -> MethodPlan:
     """VarGrad: the population variance (mean of squares − square of mean, as Captum's
     ``NoiseTunnel(nt_type="vargrad")``, computed two-pass) over noisy copies; see
     :func:`noise_tunnel`."""
-    check_call(model, inputs, targets, "vargrad")
-    return noise_tunnel(
-        model, inputs, targets, context,
-        of=of, of_params=of_params, samples=samples, noise=noise, statistic="variance",
-    )
+    return noise_tunnel(model, source, context, of=of, of_params=of_params, samples=samples,
+                        noise=noise, statistic="variance")

@@ -31,6 +31,7 @@ class MethodSpec:
     fn: AttributionFn
     params: type[MethodParams]
     description: str
+    plan: Any = None  # PlanFn of methods built on shared passes (saliencycheck.methods.passes)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, *, params: type[MethodParams] = NoParams, description: str
+    name: str, *, params: type[MethodParams] = NoParams, description: str, plan: Any = None
 ) -> Callable[[AttributionFn], AttributionFn]:
     """Decorator registering ``fn(model, inputs, targets, context, **params)`` under ``name``."""
     undocumented = [f for f, info in params.model_fields.items() if not info.description]
@@ -67,7 +68,8 @@ def register_method(
     def decorate(fn: AttributionFn) -> AttributionFn:
         if name in _REGISTRY:
             raise ValueError(f"attribution method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=params, description=description)
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=params, description=description,
+                                     plan=plan)
         return fn
 
     return decorate

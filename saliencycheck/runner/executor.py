@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saliencycheck.methods.shared import compute_maps
+from saliencycheck.methods.passes import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.postprocess import PostprocessOptions, absolute
 from saliencycheck.randomization import RandomizedModels

@@ -1,0 +1,78 @@
+"""Shared passes: methods computed together equal methods computed alone, in fewer rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from saliencycheck.methods import AttributionContext, compute_maps, resolve_method
+
+METHODS = [
+    "gradient",
+    "gradient_x_input",
+    {"name": "integrated_gradients", "steps": 3},
+    {"name": "gradcam", "layer": "3"},
+    "guided_backprop",
+    {"name": "guided_gradcam", "layer": "3"},
+    {"name": "smoothgrad", "samples": 4},
+    {"name": "vargrad", "samples": 4},
+    {"name": "smoothgrad", "of": "integrated_gradients", "of_params": {"steps": 2},
+     "samples": 2, "label": "smooth_ig"},
+    "deconvnet",
+]
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+        nn.Sequential(nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).double().eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = small_cnn()
+    inputs = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        targets = model(inputs).argmax(dim=1)
+    return model, inputs, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 5, 1])
+def test_shared_passes_equal_each_method_alone(batch, chunk_size: int) -> None:
+    model, inputs, targets = batch
+    methods = [resolve_method(m) for m in METHODS]
+    context = AttributionContext(mean=(0.5,) * 3, std=(0.5,) * 3, chunk_size=chunk_size)
+    together = compute_maps(methods, model, inputs, targets, context)
+    assert list(together) == [m.label for m in methods]
+    for method in methods:
+        alone = method(model, inputs, targets, AttributionContext(mean=(0.5,) * 3,
+                                                                  std=(0.5,) * 3))
+        torch.testing.assert_close(together[method.label], alone, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_with_equal_keys_are_computed_once(batch) -> None:
+    model, inputs, targets = batch
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        names = ["gradient", "gradient_x_input", {"name": "gradcam", "layer": "3"},
+                 "guided_backprop", {"name": "guided_gradcam", "layer": "3"},
+                 {"name": "smoothgrad", "samples": 4}, {"name": "vargrad", "samples": 4}]
+        methods = [resolve_method(m) for m in names]
+        compute_maps(methods, model, inputs, targets, AttributionContext(chunk_size=1000))
+        shared = list(rows)
+        rows.clear()
+        for method in methods:
+            method(model, inputs, targets, AttributionContext(chunk_size=1000))
+        alone = list(rows)
+    finally:
+        handle.remove()
+    # plain: the 3 images (gradient, ×input, Grad-CAM, Grad-CAM of guided Grad-CAM) and their
+    # 12 noisy copies (SmoothGrad and VarGrad); guided: the 3 images (both guided methods).
+    assert shared == [15, 3]
+    assert sum(alone) == 3 + 3 + 3 + 3 + (3 + 3) + 12 + 12
+
