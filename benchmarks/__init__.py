@@ -1,0 +1,1 @@
+"""The benchmark of saliencycheck against Quantus and bare compute (`make bench`)."""

@@ -1,0 +1,127 @@
+"""The benchmark's workloads: one saliencycheck config each, shared by all four contenders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "sample_images" / "digits"
+PHOTOS = REPO / "sample_images" / "photos"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every contender computes: model, images, methods, stages, metrics."""
+
+    key: str  # "a" or "b"
+    title: str
+    model: dict
+    images: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    methods: list
+    granularities: tuple[str, ...]
+    metrics: tuple[str, ...] = ("spearman_abs", "ssim")
+    batch_size: int = 8
+    chunk_size: int = 128
+    image_source: str = "digits"  # "digits" or "photos" (variants generated in a temp folder)
+    stage_limit: int | None = None  # --quick only: the first stages of each test
+    notes: list[str] = field(default_factory=list)
+
+    def config(self, *, granularity: str, device: str, images_path: Path, output_dir: Path) -> dict:
+        """The saliencycheck config (same keys as a YAML config)."""
+        return {
+            "model": self.model,
+            "images": {"path": str(images_path), "size": self.size, "mean": list(self.mean),
+                       "std": list(self.std), "limit": self.images, "target": "predicted"},
+            "methods": self.methods,
+            "tests": {"cascading": {"enabled": True, "granularity": granularity,
+                                    "order": "top_down"},
+                      "independent": {"enabled": False},
+                      "init": "reset", "target_on_randomized": "original"},
+            "metrics": list(self.metrics),
+            "runtime": {"device": device, "batch_size": self.batch_size,
+                        "chunk_size": self.chunk_size, "seed": 0},
+            "output": {"dir": str(output_dir), "figures": False, "save_maps": False},
+        }
+
+    def describe(self) -> str:
+        names = ", ".join(_method_text(m) for m in self.methods)
+        limit = f", first {self.stage_limit} stages only" if self.stage_limit else ""
+        return (f"{self.model.get('factory') or self.model['name']}, {self.size}×{self.size}, "
+                f"{self.images} images, methods: {names}; cascading top-down, "
+                f"granularity {' and '.join(self.granularities)}{limit}; metrics "
+                f"{', '.join(self.metrics)}; batch {self.batch_size} images, "
+                f"≤ {self.chunk_size} rows per pass")
+
+
+def _method_text(entry: str | dict) -> str:
+    if isinstance(entry, str):
+        return entry
+    extra = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "name")
+    return f"{entry['name']}({extra})"
+
+
+DIGITS_MODEL = {"name": "resnet18", "factory": "saliencycheck.zoo:digits_resnet18",
+                "num_classes": 10}
+RESNET50_MODEL = {"name": "resnet50", "factory": "benchmarks.models:resnet50_seeded",
+                  "num_classes": 1000}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def workload_a(*, quick: bool = False) -> Workload:
+    """(a) the CPU workload: trained digits ResNet-18, 64×64, 8 images, 3 methods, layers."""
+    return Workload(
+        key="a", title="(a) CPU workload: digits ResNet-18",
+        model=DIGITS_MODEL, images=2 if quick else 8, size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
+        methods=["gradient", {"name": "integrated_gradients", "steps": 4 if quick else 16,
+                              "baseline": "black"}, "guided_backprop"],
+        granularities=("layer",), stage_limit=3 if quick else None)
+
+
+def workload_b(*, gpu: bool, quick: bool = False) -> Workload:
+    """(b) resnet50, six methods; full size on a GPU, reduced on the CPU (block only)."""
+    steps = 4 if quick else 32
+    methods = ["gradient", "gradient_x_input",
+               {"name": "integrated_gradients", "steps": steps, "baseline": "black"},
+               {"name": "smoothgrad", "samples": steps, "noise": 0.15},
+               "guided_backprop", "gradcam"]
+    if gpu and not quick:
+        return Workload(key="b", title="(b) GPU workload: ResNet-50", model=RESNET50_MODEL,
+                        images=64, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        methods=methods, granularities=("block", "layer"), batch_size=32,
+                        image_source="photos")
+    return Workload(
+        key="b", title="(b) ResNet-50, reduced for the CPU", model=RESNET50_MODEL,
+        images=1 if quick else 2, size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        methods=methods, granularities=("block",), batch_size=8, image_source="photos",
+        stage_limit=3 if quick else None,
+        notes=["Reduced on the CPU: 64×64 instead of 224×224, 2 images instead of 64, block "
+               "granularity only (19 stages; layer granularity has 107)."])
+
+
+def prepare_images(workload: Workload, folder: Path) -> Path:
+    """The image folder of a workload: the digits, or ``images`` variants of the four photos
+    (crops and mirror images, deterministic) written to ``folder``."""
+    if workload.image_source == "digits":
+        return DIGITS
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(workload.images):
+        with Image.open(photos[i % len(photos)]) as img:
+            img = img.convert("RGB")
+            variant = i // len(photos)
+            w, h = img.size
+            shrink = 1.0 - 0.04 * (variant % 8)
+            cw, ch = int(w * shrink), int(h * shrink)
+            left, top = (w - cw) * (variant % 3) // 2, (h - ch) * ((variant // 3) % 3) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+            if variant % 2:
+                img = ImageOps.mirror(img)
+            img.save(folder / f"img{i:03d}.png")
+    return folder
