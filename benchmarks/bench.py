@@ -87,6 +87,23 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 # one workload × granularity
 
 
+def input_batch(setup) -> torch.Tensor:
+    """The run's images as saliencycheck preprocesses them, (N, C, S, S), in setup order."""
+    images = setup.images
+    if all(hasattr(r, "tensor") for r in images):  # records loaded by prepare
+        return torch.stack([r.tensor for r in images])
+    from saliencycheck.data import load_images  # references read per work unit
+
+    try:
+        records, skipped = load_images(images, setup.preprocessing)
+    except TypeError:
+        records, skipped = load_images([r.path for r in images], [r.id for r in images],
+                                       setup.preprocessing)
+    if skipped:
+        raise RuntimeError(f"unreadable benchmark images: {skipped}")
+    return torch.stack([r.tensor for r in records])
+
+
 @dataclasses.dataclass
 class CaseResult:
     workload: Workload
@@ -130,8 +147,8 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
         seed = setup.config.runtime.seed
         chunk = setup.config.runtime.chunk_size
         mean, std = setup.preprocessing.mean, setup.preprocessing.std
-        inputs = torch.stack([r.tensor for r in setup.images]).to(device)
-        with torch.inference_mode():
+        inputs = input_batch(setup).to(device)
+        with torch.no_grad():
             targets_fixed = setup.model(inputs).argmax(dim=1)
         log(f"[{workload.key}/{granularity}] {len(setup.images)} images, {len(stages)} stages, "
             f"methods {[m.label for m in setup.methods]}, prepare {prepare_s:.1f} s")
@@ -142,7 +159,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                                        reset_running_stats=tests.reset_running_stats, seed=seed)
 
         def targets_of(model: torch.nn.Module) -> torch.Tensor:
-            with torch.inference_mode():
+            with torch.no_grad():
                 return model(inputs).argmax(dim=1)
 
         def run_minimal(limit: int | None = None) -> None:
@@ -214,18 +231,17 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             runners["quantus"] = run_quantus
         order = [c for c in CONTENDERS if c in runners]
 
-        # --- warm-up: trained model + the first stage, each contender once
-        for name in order:
-            start = time.perf_counter()
-            if name == "quantus":
-                warm_quantus()
-            else:
-                runners[name](1)
-            log(f"  warm-up {name}: {time.perf_counter() - start:.1f} s")
-
         times: dict[str, list[float]] = {name: [] for name in order}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Quantus/Captum chatter must not be timed or shown
+            # --- warm-up: trained model + the first stage, each contender once
+            for name in order:
+                start = time.perf_counter()
+                if name == "quantus":
+                    warm_quantus()
+                else:
+                    runners[name](1)
+                log(f"  warm-up {name}: {time.perf_counter() - start:.1f} s")
             for r in range(repeat):
                 for name in order:
                     seconds = timed(runners[name], device)
@@ -242,6 +258,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             quantus_layers=q_layers, quantus_note=quantus_note, quantus_same_order=same_order,
             sc_timings={k: v for k, v in sc_timings.items() if k != "summary"})
         if agreement:
+            warnings.filterwarnings("ignore", module="captum")
             start = time.perf_counter()
             result.agreement = check_agreement(
                 setup, inputs, targets_fixed, x_np, y_np, quantus_methods, quantus_scores,

@@ -28,7 +28,7 @@ from saliencycheck.relu_rules import ReluRuleMode
 
 
 def _target_score(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
-    return model(x).gather(1, targets[:, None]).sum()
+    return model(x).gather(1, targets[:, None].clone()).sum()
 
 
 def input_gradients(model: nn.Module, rows: Tensor, targets: Tensor, *, chunk_size: int,

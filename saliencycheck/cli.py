@@ -63,12 +63,9 @@ def run(config: ConfigArg, overrides: SetOption = None,
                 setup = prepare(loaded)
             err_console.print(
                 f"model {loaded.config.model.name} ({setup.weights_source}) on {setup.device}; "
-                f"{len(setup.images)} images; methods {', '.join(m.label for m in setup.methods)}; "
+                f"{len(setup.images)} image files; methods {', '.join(m.label for m in setup.methods)}; "
                 + "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items()),
                 highlight=False)
-            for skipped in setup.skipped:
-                err_console.print(f"[yellow]warning:[/] skipped image {skipped.path}: "
-                                  f"{skipped.reason}", highlight=False)
             with _progress() as bar:
                 task = bar.add_task("running", total=None)
 
@@ -82,6 +79,9 @@ def run(config: ConfigArg, overrides: SetOption = None,
             err_console.print("[bold red]interrupted:[/] finished work units are saved and the "
                               "reports were written from them")
             raise typer.Exit(code=130) from None
+    for path, reason in result.skipped:
+        err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
+                          highlight=False)
     _print_summary(result)
 
 
@@ -121,15 +121,20 @@ def _print_summary(result) -> None:  # noqa: ANN001
 def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     """Check a config without running: schema, model build and weights, layers, images."""
     from saliencycheck.runner import prepare
+    from saliencycheck.runner.setup import unreadable_images
 
     try:
         loaded = load_config(config, overrides)
         setup = prepare(loaded, probe_methods=True)
     except SaliencyCheckError as exc:
         raise fail(exc) from None
+    skipped = unreadable_images(setup)
+    for image in skipped:
+        err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
+                          highlight=False)
     stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
     console.print(f"{config}: valid. {loaded.config.model.name} ({setup.weights_source}), "
-                  f"{len(setup.images)} images ({len(setup.skipped)} unreadable), "
+                  f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
                   f"{len(setup.methods)} methods, {stages}.", highlight=False)
 
 

@@ -19,6 +19,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """An image to explain, not yet read: its report id and path."""
+
+    id: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One input image: a stable id for reports, its path, and its display version."""
 
@@ -77,24 +85,28 @@ def make_transform(pre: Preprocessing) -> T.Compose:
 
 
 def load_images(
-    paths: list[Path], ids: list[str], pre: Preprocessing
+    refs: list[ImageRef], pre: Preprocessing
 ) -> tuple[list[ImageRecord], list[SkippedImage]]:
-    """Read images as RGB; unreadable files are skipped and returned with the reason."""
+    """Read images as RGB; unreadable files are skipped and returned with the reason.
+
+    Called per work unit, so host memory holds one unit's images, whatever their number.
+    """
     transform = make_transform(pre)
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     records, skipped = [], []
-    for path, image_id in zip(paths, ids):
+    for ref in refs:
         try:
-            with Image.open(path) as img:
+            with Image.open(ref.path) as img:
                 rgb = img.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            skipped.append(SkippedImage(path, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            skipped.append(SkippedImage(ref.path, reason))
             continue
         pixels = transform(rgb)
         records.append(ImageRecord(
-            id=image_id,
-            path=path,
+            id=ref.id,
+            path=ref.path,
             tensor=(pixels - mean) / std,
             display=pixels.permute(1, 2, 0).numpy(),
         ))

@@ -11,7 +11,7 @@ import torchvision
 from PIL import Image
 
 from saliencycheck.config import ModelConfig
-from saliencycheck.data import discover_images, image_ids, load_images, read_labels
+from saliencycheck.data import ImageRef, discover_images, image_ids, load_images, read_labels
 from saliencycheck.errors import ConfigError, DataError, ModelError
 from saliencycheck.models import Preprocessing, build_model, resolve_device
 
@@ -137,7 +137,8 @@ def test_unreadable_image_is_skipped_with_reason(tmp_path: Path) -> None:
     make_images(tmp_path)
     paths = discover_images(tmp_path, raw="x")
     pre = Preprocessing(size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    records, skipped = load_images(paths, image_ids(paths, tmp_path), pre)
+    refs = [ImageRef(i, p) for i, p in zip(image_ids(paths, tmp_path), paths)]
+    records, skipped = load_images(refs, pre)
     assert [r.id for r in records] == ["a.png", "sub/b.jpg"]
     assert [s.path.name for s in skipped] == ["broken.png"]
     for r in records:

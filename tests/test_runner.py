@@ -37,9 +37,11 @@ def test_interrupt_keeps_finished_units(project: Path) -> None:  # noqa: F811
     out = project / "out"
     with (out / "report.csv").open() as fh:
         images = {row["image"] for row in csv.DictReader(fh)}
-    assert images == {"img0.png", "img1.png"}  # the first unit (2 images) survived
+    # The first unit (files broken.png, img0.png) survived, its unreadable file recorded.
+    assert images == {"img0.png"}
     info = json.loads((out / "run.json").read_text())
     assert (info["units_done"], info["units_total"]) == (1, 3)
+    assert [Path(s["path"]).name for s in info["skipped_images"]] == ["broken.png"]
 
 
 def test_recompute_target_explains_the_randomized_models_class(project: Path) -> None:  # noqa: F811

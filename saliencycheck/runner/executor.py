@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saliencycheck.data import load_images
 from saliencycheck.methods.passes import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.postprocess import PostprocessOptions, absolute
@@ -48,15 +49,18 @@ class UnitExecutor:
         self.post = PostprocessOptions(abs_reduction=post.abs_reduction,
                                        signed_reduction=post.signed_reduction,
                                        percentile=post.percentile)
-        self.figure_ids = {r.id for r in setup.images[: setup.config.output.figure_images]} \
-            if setup.config.output.figures else set()
+        self.figure_ids = setup.figure_ids
 
     def run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
         setup = self.setup
-        records = [setup.images[i] for i in unit.image_indices]
+        records, skipped = load_images([setup.images[i] for i in unit.image_indices],
+                                       setup.preprocessing)
+        result = UnitResult(unit_id=unit.id, skipped=[(str(s.path), s.reason) for s in skipped])
+        if not records:
+            progress(1 + sum(len(s) for s in setup.stages.values()), f"{unit.id}: unreadable")
+            return result
         ids = [r.id for r in records]
         inputs = torch.stack([r.tensor for r in records]).to(setup.device)
-        result = UnitResult(unit_id=unit.id)
         raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
 
         with torch.inference_mode():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saliencycheck.data import load_images
 from saliencycheck.report.figures import similarity_curves, stage_grid
 from saliencycheck.report.tables import (
     SummaryRow,
@@ -39,6 +40,7 @@ class RunResult:
 
     output_dir: Path
     summary: list[SummaryRow]
+    skipped: list[tuple[str, str]]  # (path, reason) of the images that could not be read
     methods: list[str]  # labels, in config order
     metrics: list[str]  # in config order
     final_stage: dict[str, int]
@@ -106,8 +108,8 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     final_stage = {test: len(stages) for test, stages in setup.stages.items()}
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(store.unit_ids()),
-                   units_total=units_total)
-    return RunResult(output_dir=out, summary=summary,
+                   units_total=units_total, skipped=store.skipped())
+    return RunResult(output_dir=out, summary=summary, skipped=store.skipped(),
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
                      units_done=len(store.unit_ids()), units_total=units_total, timings=timings)
@@ -116,7 +118,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
     figures = setup.output_dir / "figures"
     maps = store.figure_maps()
-    by_id = {r.id: r for r in setup.images}
+    shown = {key.split("|")[0] for key in maps}
+    by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
+                                          setup.preprocessing)[0]}
     for test, stages in setup.stages.items():
         names = [TRAINED] + [s.name for s in stages]
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
@@ -130,7 +134,7 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
-                   units_total: int) -> None:
+                   units_total: int, skipped: list[tuple[str, str]]) -> None:
     """The resolved config, versions, device, timings, skipped images, and what was run."""
     info = {
         "config_file": str(setup.source),
@@ -150,7 +154,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "target_on_randomized": setup.config.tests.target_on_randomized,
         "postprocess": setup.config.postprocess.model_dump(mode="json"),
         "images": [r.id for r in setup.images],
-        "skipped_images": [{"path": str(s.path), "reason": s.reason} for s in setup.skipped],
+        "skipped_images": [{"path": path, "reason": reason} for path, reason in skipped],
         "stages": {test: len(stages) for test, stages in setup.stages.items()},
         "stage_table": "stages.csv",
         "units_done": units_done,

@@ -16,6 +16,7 @@ from torch import nn
 from saliencycheck.config import Config, LoadedConfig, MethodEntry
 from saliencycheck.data import (
     ImageRecord,
+    ImageRef,
     SkippedImage,
     discover_images,
     image_ids,
@@ -49,8 +50,8 @@ class RunSetup:
     weights_source: str
     device: torch.device
     preprocessing: Preprocessing
-    images: list[ImageRecord]
-    skipped: list[SkippedImage]
+    images: list[ImageRef]  # read per work unit, so memory does not grow with their number
+    figure_ids: frozenset[str]  # the first output.figure_images readable images
     labels: dict[str, int] | None
     methods: list[ResolvedMethod]
     stages: dict[str, list[Stage]]  # per enabled test
@@ -124,7 +125,7 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
 
 def probe(setup: RunSetup) -> None:
     """Run each method once on the first image; raise its error with the method's YAML path."""
-    inputs = setup.images[0].tensor[None].to(setup.device)
+    inputs = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
     with torch.inference_mode():
         target = setup.model(inputs).argmax(dim=1)
     for index, method in enumerate(setup.methods):
@@ -132,6 +133,28 @@ def probe(setup: RunSetup) -> None:
             method(setup.model, inputs, target, setup.context)
         except SaliencyCheckError as exc:
             raise type(exc)(f"methods[{index}] ({method.label}): {exc}") from None
+
+
+def first_readable(images: list[ImageRef], pre: Preprocessing, count: int = 1
+                   ) -> list[ImageRecord]:
+    """The first `count` images that load (at least one: the run's example input)."""
+    found: list[ImageRecord] = []
+    for ref in images:
+        if len(found) >= max(count, 1):
+            break
+        found += load_images([ref], pre)[0]
+    if not found:
+        raise DataError(f"images.path: none of the {len(images)} images could be read "
+                        f"(first: {images[0].path}); check the files and images.path")
+    return found
+
+
+def unreadable_images(setup: RunSetup) -> list[SkippedImage]:
+    """Read every image once (for `validate`): those that cannot be read, with the reason."""
+    skipped = []
+    for start in range(0, len(setup.images), 64):
+        skipped += load_images(setup.images[start:start + 64], setup.preprocessing)[1]
+    return skipped
 
 
 def _prepare(loaded: LoadedConfig) -> RunSetup:
@@ -148,23 +171,20 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     if config.images.limit:
         paths = paths[: config.images.limit]
     ids = image_ids(paths, root if root.is_dir() else root.parent)
-    images, skipped = load_images(paths, ids, pre)
-    if not images:
-        raise DataError(f"images.path: none of the {len(paths)} images could be read "
-                        f"(first: {skipped[0].path.name}: {skipped[0].reason})")
+    images = [ImageRef(id=i, path=p) for i, p in zip(ids, paths)]
 
     labels = None
     if config.images.target == "label":
         if not config.images.labels:
             raise ConfigError("images.target: 'label' needs images.labels, a CSV with image,label")
-        labels = read_labels(loaded.resolve(config.images.labels), [r.id for r in images],
-                             [r.path for r in images])
-    elif config.images.labels:
-        labels = read_labels(loaded.resolve(config.images.labels), [r.id for r in images],
-                             [r.path for r in images])
+    if config.images.labels:
+        labels = read_labels(loaded.resolve(config.images.labels), ids, paths)
 
     model = model.to(device)
-    example = images[0].tensor[None].to(device)
+    output = config.output
+    readable = first_readable(images, pre, output.figure_images if output.figures else 1)
+    figure_ids = frozenset(r.id for r in readable[: output.figure_images if output.figures else 0])
+    example = readable[0].tensor[None].to(device)
     try:
         with torch.inference_mode():
             logits = model(example)
@@ -194,6 +214,6 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     return RunSetup(
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
-        images=images, skipped=skipped, labels=labels, methods=methods, stages=stages,
+        images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
         blocks=blocks, context=context,
     )

@@ -51,6 +51,7 @@ class UnitResult:
     stages: list[StageObservation] = field(default_factory=list)
     # "image|test|method" -> (stages, H, W) absolute maps of the images that get figures
     figure_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) unreadable
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -78,7 +79,8 @@ class ResultStore:
             _atomic_write(self.root / f"{result.unit_id}.npz", write_npz)
         payload = {"unit_id": result.unit_id,
                    "rows": [asdict(r) for r in result.rows],
-                   "stages": [asdict(s) for s in result.stages]}
+                   "stages": [asdict(s) for s in result.stages],
+                   "skipped": result.skipped}
         _atomic_write(self.root / f"{result.unit_id}.json",
                       lambda tmp: tmp.write_text(json.dumps(payload), encoding="utf-8"))
 
@@ -90,6 +92,10 @@ class ResultStore:
 
     def stage_observations(self) -> list[StageObservation]:
         return [StageObservation(**s) for unit in self._units() for s in unit["stages"]]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every image a finished unit could not read."""
+        return [tuple(s) for unit in self._units() for s in unit.get("skipped", [])]
 
     def figure_maps(self) -> dict[str, np.ndarray]:
         maps: dict[str, np.ndarray] = {}
