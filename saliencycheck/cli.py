@@ -61,11 +61,11 @@ def run(config: ConfigArg, overrides: SetOption = None,
             loaded = load_config(config, overrides)
             with console.status("loading model and images"):
                 setup = prepare(loaded)
+            labels = ", ".join(m.label for m in setup.methods)
+            stages = "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items())
             err_console.print(
                 f"model {loaded.config.model.name} ({setup.weights_source}) on {setup.device}; "
-                f"{len(setup.images)} image files; methods {', '.join(m.label for m in setup.methods)}; "
-                + "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items()),
-                highlight=False)
+                f"{len(setup.images)} image files; methods {labels}; {stages}", highlight=False)
             with _progress() as bar:
                 task = bar.add_task("running", total=None)
 
@@ -79,6 +79,10 @@ def run(config: ConfigArg, overrides: SetOption = None,
             err_console.print("[bold red]interrupted:[/] finished work units are saved and the "
                               "reports were written from them")
             raise typer.Exit(code=130) from None
+    if result.fidelity:
+        shown = ", ".join(f"{label} {value:.3f}" for label, value in result.fidelity.items())
+        err_console.print(f"[yellow]precision {result.precision}:[/] abs-Spearman of the trained "
+                          f"model's maps against fp32 (first batch): {shown}", highlight=False)
     for path, reason in result.skipped:
         err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
                           highlight=False)

@@ -180,6 +180,13 @@ class RuntimeConfig(Section):
         description="Max rows (images x integration steps x noise samples) per forward/backward.",
     )
     seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description=(
+            "Forward passes under autocast in bf16/fp16 (gradients stay fp32): faster, less "
+            "exact; the run then reports each method's Spearman against fp32 maps."
+        ),
+    )
 
 
 class OutputConfig(Section):

@@ -76,3 +76,50 @@ def test_rows_with_equal_keys_are_computed_once(batch) -> None:
     assert shared == [15, 3]
     assert sum(alone) == 3 + 3 + 3 + 3 + (3 + 3) + 12 + 12
 
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Raises CUDA's out-of-memory error for batches above ``limit`` rows, like a full GPU."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.failures = model, limit, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            self.failures += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_chunk_and_loses_nothing(batch) -> None:
+    from saliencycheck.methods.passes import RowSource, run_requests
+
+    model, inputs, targets = batch
+    methods = [resolve_method(m) for m in METHODS if "layer" not in m]  # wrapper renames layers
+    context = AttributionContext(mean=(0.5,) * 3, std=(0.5,) * 3, chunk_size=64)
+    expected = compute_maps(methods, model, inputs, targets, context)
+    limited = OutOfMemoryAbove(model, limit=5).eval()
+    got = compute_maps(methods, limited, inputs, targets, context)
+    assert limited.failures >= 1
+    for label, maps in expected.items():
+        torch.testing.assert_close(got[label], maps, rtol=1e-10, atol=1e-12)
+    smooth = resolve_method({"name": "smoothgrad", "samples": 4})  # 12 rows > 5
+    plan = smooth.spec.plan(limited, RowSource.of(inputs, targets), context, **dict(smooth.params))
+    size = run_requests(limited, plan.requests, AttributionContext(chunk_size=64))
+    assert size.rows <= 5 and size.halvings >= 1
+
+
+def test_reduced_precision_is_close_but_not_identical() -> None:
+    from scipy.stats import spearmanr
+
+    model = small_cnn().float()
+    inputs = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    targets = model(inputs).argmax(dim=1)
+    method = [resolve_method("gradient")]
+    fp32 = compute_maps(method, model, inputs, targets, AttributionContext())["gradient"]
+    bf16 = compute_maps(method, model, inputs, targets,
+                        AttributionContext(precision="bf16"))["gradient"]
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    for a, b in zip(fp32, bf16):
+        assert spearmanr(a.flatten(), b.flatten())[0] > 0.9

@@ -9,7 +9,7 @@ signed map, ``(N, C, H, W)`` or ``(N, 1, H, W)``. Methods never normalise their 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +25,16 @@ class AttributionContext:
     that pixel-space baselines such as "black" are defined. ``seed`` seeds a local
     ``torch.Generator`` for noise and random baselines: the same seed gives the same noise on
     every call, so a trained and a randomised model see identical noisy inputs; the global RNG
-    is never touched. ``chunk_size`` bounds the rows of every forward/backward pass.
+    is never touched. ``chunk_size`` bounds the rows of every forward/backward pass (halved
+    and retried after a CUDA out-of-memory error). ``precision`` runs the forward passes under
+    ``torch.autocast`` with bfloat16 or float16; gradients w.r.t. the inputs stay float32.
     """
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     seed: int = 0
     chunk_size: int = 64
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

@@ -104,12 +104,30 @@ def input_gradient_maps(count: int) -> RowMaps:
     return RowMaps(fn=lambda inputs, grads, pair: grads, count=count)
 
 
-def run_requests(model: nn.Module, requests: Sequence[Request], *, chunk_size: int) -> None:
-    """Differentiate every request's rows, sharing rows with equal keys and passes per family."""
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ChunkSize:
+    """Rows per pass; halved for the rest of the call after a CUDA out-of-memory error."""
+
+    rows: int
+    halvings: int = 0
+
+
+def run_requests(model: nn.Module, requests: Sequence[Request],
+                 context: AttributionContext) -> ChunkSize:
+    """Differentiate every request's rows, sharing rows with equal keys and passes per family.
+
+    Returns the chunk size finally used (smaller than ``context.chunk_size`` after an
+    out-of-memory error: the failed chunk is split and recomputed, nothing is lost).
+    """
+    size = ChunkSize(context.chunk_size)
     for family in ("plain", "guided", "deconvnet"):
         selected = [r for r in requests if r.family == family]
         if selected:
-            _run_family(model, family, selected, chunk_size=chunk_size)
+            _run_family(model, family, selected, size=size, precision=context.precision)
+    return size
 
 
 @dataclass
@@ -120,7 +138,7 @@ class _Segment:
 
 
 def _run_family(model: nn.Module, family: Family, requests: list[Request], *,
-                chunk_size: int) -> None:
+                size: ChunkSize, precision: str) -> None:
     segments: dict[Hashable, _Segment] = {}
     for request in requests:
         segment = segments.setdefault(request.source.key, _Segment(request.source, [], []))
@@ -131,45 +149,62 @@ def _run_family(model: nn.Module, family: Family, requests: list[Request], *,
     mode = ReluRuleMode(family) if family != "plain" else None
     context = (lambda: mode) if mode is not None else nullcontext
 
+    def run_chunk(pieces: list[tuple[_Segment, Tensor]]) -> None:
+        built = [segment.source.build(index) for segment, index in pieces]
+        x = torch.cat([b[0] for b in built]).detach().clone().requires_grad_(True)
+        t = torch.cat([b[1] for b in built])
+        captured: dict[str, list[Tensor]] = {path: [] for path in layers}
+        handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
+                   for path in layers]
+        try:
+            with context(), _autocast(x.device, precision):
+                score = target_logits(model, x, t).float().sum()
+        finally:
+            for handle in handles:
+                handle.remove()
+        activations = [_last_activation(path, captured[path]) for path in layers]
+        grads = torch.autograd.grad(score, [x, *activations], allow_unused=True)
+        pairs = {}
+        for path, a, g in zip(layers, activations, grads[1:]):
+            if g is None:
+                raise MethodError(f"gradcam: layer {path!r} does not affect the logits; "
+                                  "choose another")
+            pairs[path] = (a.detach().float(), g.float())
+        start = 0
+        for segment, index in pieces:
+            rows = slice(start, start + len(index))
+            start += len(index)
+            for consumer in segment.consumers:
+                pair = None
+                if consumer.layer:
+                    a, g = pairs[consumer.layer]
+                    pair = (a[rows], g[rows])
+                consumer.add(index, x[rows].detach(), grads[0][rows], pair)
+
+    def run_with_retry(pieces: list[tuple[_Segment, Tensor]]) -> None:
+        try:
+            run_chunk(pieces)
+        except torch.cuda.OutOfMemoryError:
+            rows = sum(len(index) for _, index in pieces)
+            if rows == 1:
+                raise MethodError("out of device memory for a single row; use a smaller "
+                                  "images.size or another device") from None
+            torch.cuda.empty_cache()
+            size.rows, size.halvings = max(1, rows // 2), size.halvings + 1
+            for half in _split(pieces, size.rows):
+                run_with_retry(half)
+
     with torch.enable_grad():
-        for pieces in _chunks(list(segments.values()), chunk_size):
-            built = [segment.source.build(index) for segment, index in pieces]
-            x = torch.cat([b[0] for b in built]).detach().clone().requires_grad_(True)
-            t = torch.cat([b[1] for b in built])
-            captured: dict[str, list[Tensor]] = {path: [] for path in layers}
-            handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
-                       for path in layers]
-            try:
-                with context():
-                    score = target_logits(model, x, t).sum()
-            finally:
-                for handle in handles:
-                    handle.remove()
-            activations = [_last_activation(path, captured[path]) for path in layers]
-            grads = torch.autograd.grad(score, [x, *activations], allow_unused=True)
-            pairs = {}
-            for path, a, g in zip(layers, activations, grads[1:]):
-                if g is None:
-                    raise MethodError(f"gradcam: layer {path!r} does not affect the logits; "
-                                      "choose another")
-                pairs[path] = (a.detach(), g)
-            start = 0
-            for segment, index in pieces:
-                rows = slice(start, start + len(index))
-                start += len(index)
-                for consumer in segment.consumers:
-                    pair = None
-                    if consumer.layer:
-                        a, g = pairs[consumer.layer]
-                        pair = (a[rows], g[rows])
-                    consumer.add(index, x[rows].detach(), grads[0][rows], pair)
+        for pieces in _chunks(list(segments.values()), size):
+            run_with_retry(pieces)
     if mode is not None:
         _check_relu_report(mode, sorted({n for s in segments.values() for n in s.names}))
 
 
-def _chunks(segments: list[_Segment], chunk_size: int):
-    """Yield lists of (segment, row indices) holding at most ``chunk_size`` rows in all."""
-    pieces, room = [], chunk_size
+def _chunks(segments: list[_Segment], size: ChunkSize):
+    """Yield lists of (segment, row indices) of at most ``size.rows`` rows in all (read anew
+    for every chunk, so a halving after an out-of-memory error applies to the rest)."""
+    pieces, room = [], size.rows
     for segment in segments:
         start = 0
         while start < segment.source.count:
@@ -179,9 +214,31 @@ def _chunks(segments: list[_Segment], chunk_size: int):
             room -= take
             if room == 0:
                 yield pieces
-                pieces, room = [], chunk_size
+                pieces, room = [], size.rows
     if pieces:
         yield pieces
+
+
+def _split(pieces: list[tuple[_Segment, Tensor]], rows: int):
+    """Re-cut a chunk's pieces into chunks of at most ``rows`` rows, in order."""
+    out, room = [], rows
+    for segment, index in pieces:
+        while len(index):
+            take = index[:room]
+            out.append((segment, take))
+            index, room = index[room:], room - len(take)
+            if room == 0:
+                yield out
+                out, room = [], rows
+    if out:
+        yield out
+
+
+def _autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for bf16/fp16 forwards; nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def _capture(path: str, store: list[Tensor]):
@@ -247,7 +304,7 @@ def planned_method(name: str, *, params: type[MethodParams] = NoParams, descript
                **options: object) -> Tensor:
             check_call(model, inputs, targets, name)
             method_plan = plan(model, RowSource.of(inputs, targets), context, **options)
-            run_requests(model, method_plan.requests, chunk_size=context.chunk_size)
+            run_requests(model, method_plan.requests, context)
             return method_plan.finish()
 
         fn.__doc__ = plan.__doc__
@@ -274,7 +331,6 @@ def compute_maps(
     source = RowSource.of(inputs, targets)
     plans = {m.label: m.spec.plan(model, source, context, **dict(m.params))
              for m in methods if m.spec.plan is not None}
-    run_requests(model, [r for plan in plans.values() for r in plan.requests],
-                 chunk_size=context.chunk_size)
+    run_requests(model, [r for plan in plans.values() for r in plan.requests], context)
     return {m.label: plans[m.label].finish() if m.label in plans
             else m(model, inputs, targets, context) for m in methods}

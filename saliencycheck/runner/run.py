@@ -10,7 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from saliencycheck.data import load_images
+from saliencycheck.methods import compute_maps
+from saliencycheck.metrics import score_maps
+from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.report.figures import similarity_curves, stage_grid
 from saliencycheck.report.tables import (
     SummaryRow,
@@ -41,6 +44,8 @@ class RunResult:
     output_dir: Path
     summary: list[SummaryRow]
     skipped: list[tuple[str, str]]  # (path, reason) of the images that could not be read
+    precision: str
+    fidelity: dict[str, float]  # method -> abs-Spearman of reduced-precision vs fp32 maps
     methods: list[str]  # labels, in config order
     metrics: list[str]  # in config order
     final_stage: dict[str, int]
@@ -76,6 +81,7 @@ def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunRe
     store = ResultStore(out)
     store.clear()
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
+    fidelity = precision_fidelity(setup)
     steps_per_unit = 1 + sum(len(s) for s in setup.stages.values())
     total = steps_per_unit * len(units)
     progress(0, total, "starting")
@@ -90,11 +96,33 @@ def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunRe
                       timings={"compute_s": time.perf_counter() - started})
         raise
     compute_s = time.perf_counter() - started
-    return write_outputs(setup, store, units_total=len(units), timings={"compute_s": compute_s})
+    return write_outputs(setup, store, units_total=len(units), timings={"compute_s": compute_s},
+                         fidelity=fidelity)
+
+
+def precision_fidelity(setup: RunSetup) -> dict[str, float]:
+    """With reduced precision: per method, the mean abs-Spearman between the trained model's
+    maps at that precision and at fp32, on the first image batch (empty for fp32)."""
+    if setup.context.precision == "fp32":
+        return {}
+    records = load_images(setup.images[: setup.config.runtime.batch_size],
+                          setup.preprocessing)[0]
+    inputs = torch.stack([r.tensor for r in records]).to(setup.device)
+    with torch.inference_mode():
+        targets = setup.model(inputs).argmax(dim=1).clone()
+    reduced = compute_maps(setup.methods, setup.model, inputs, targets, setup.context)
+    exact = compute_maps(setup.methods, setup.model, inputs, targets,
+                         replace(setup.context, precision="fp32"))
+    post = PostprocessOptions(abs_reduction=setup.config.postprocess.abs_reduction,
+                              percentile=setup.config.postprocess.percentile)
+    return {label: float(score_maps(exact[label], reduced[label], ["spearman_abs"], post)
+                         ["spearman_abs"].values.nanmean())
+            for label in exact}
 
 
 def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
-                  timings: dict[str, float]) -> RunResult:
+                  timings: dict[str, float], fidelity: dict[str, float] | None = None
+                  ) -> RunResult:
     """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
     started = time.perf_counter()
     out = setup.output_dir
@@ -108,8 +136,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     final_stage = {test: len(stages) for test, stages in setup.stages.items()}
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(store.unit_ids()),
-                   units_total=units_total, skipped=store.skipped())
+                   units_total=units_total, skipped=store.skipped(), fidelity=fidelity or {})
     return RunResult(output_dir=out, summary=summary, skipped=store.skipped(),
+                     precision=setup.context.precision, fidelity=fidelity or {},
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
                      units_done=len(store.unit_ids()), units_total=units_total, timings=timings)
@@ -134,7 +163,8 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
-                   units_total: int, skipped: list[tuple[str, str]]) -> None:
+                   units_total: int, skipped: list[tuple[str, str]],
+                   fidelity: dict[str, float]) -> None:
     """The resolved config, versions, device, timings, skipped images, and what was run."""
     info = {
         "config_file": str(setup.source),
@@ -153,6 +183,8 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "target": setup.config.images.target,
         "target_on_randomized": setup.config.tests.target_on_randomized,
         "postprocess": setup.config.postprocess.model_dump(mode="json"),
+        "precision": setup.context.precision,
+        "precision_fidelity_spearman_abs": fidelity,
         "images": [r.id for r in setup.images],
         "skipped_images": [{"path": path, "reason": reason} for path, reason in skipped],
         "stages": {test: len(stages) for test, stages in setup.stages.items()},

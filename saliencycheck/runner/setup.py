@@ -210,7 +210,8 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
             stages[name] = plan_stages(blocks[name], model=model, test=name, order=section.order)
 
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
-                                 chunk_size=config.runtime.chunk_size)
+                                 chunk_size=config.runtime.chunk_size,
+                                 precision=config.runtime.precision)
     return RunSetup(
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
