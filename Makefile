@@ -23,3 +23,9 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Benchmark against Quantus and bare compute (benchmarks/README.md); writes benchmarks/results.md.
+.PHONY: bench
+bench: setup
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/bench.py --workload all

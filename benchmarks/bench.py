@@ -46,14 +46,11 @@ import torch  # noqa: E402
 from benchmarks.naive import naive_maps  # noqa: E402
 from benchmarks.workloads import Workload, prepare_images, workload_a, workload_b  # noqa: E402
 from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
+from saliencycheck.data import load_images  # noqa: E402
+from saliencycheck.methods import compute_maps  # noqa: E402
 from saliencycheck.metrics import spearman  # noqa: E402
 from saliencycheck.randomization import RandomizedModels  # noqa: E402
 from saliencycheck.runner import prepare, run_check  # noqa: E402
-
-try:  # public entry point; it moved from methods.shared to the methods package
-    from saliencycheck.methods import compute_maps  # noqa: E402
-except ImportError:  # pragma: no cover - older trees
-    from saliencycheck.methods.shared import compute_maps  # noqa: E402
 
 try:
     from benchmarks import quantus_driver as qd  # noqa: E402
@@ -75,12 +72,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat), or None."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """Wall seconds of ``fn()`` and the CPU cores other processes kept busy meanwhile (mean)."""
     synchronize(device)
+    busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    busy_end = _busy_cpu_seconds()
+    others = None
+    if busy is not None and busy_end is not None:
+        others = max(0.0, (busy_end - busy) - (_own_cpu_seconds() - own)) / wall
+    return wall, others
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,16 +107,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def input_batch(setup) -> torch.Tensor:
     """The run's images as saliencycheck preprocesses them, (N, C, S, S), in setup order."""
-    images = setup.images
-    if all(hasattr(r, "tensor") for r in images):  # records loaded by prepare
-        return torch.stack([r.tensor for r in images])
-    from saliencycheck.data import load_images  # references read per work unit
-
-    try:
-        records, skipped = load_images(images, setup.preprocessing)
-    except TypeError:
-        records, skipped = load_images([r.path for r in images], [r.id for r in images],
-                                       setup.preprocessing)
+    records, skipped = load_images(setup.images, setup.preprocessing)
     if skipped:
         raise RuntimeError(f"unreadable benchmark images: {skipped}")
     return torch.stack([r.tensor for r in records])
@@ -112,6 +121,7 @@ class CaseResult:
     stages: int
     prepare_s: float
     times: dict[str, list[float]]  # contender -> one wall time per repeat
+    others: dict[str, list[float | None]]  # contender -> cores used by other processes, per run
     quantus_method_times: dict[str, list[float]]
     quantus_layers: int | None
     quantus_note: str
@@ -139,7 +149,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
         start = time.perf_counter()
         setup = prepare(LoadedConfig(config=config, source=tmp / "bench.yaml"))
         prepare_s = time.perf_counter() - start
-        stages = setup.stages["cascading"]
+        stages = all_stages = setup.stages["cascading"]
         if workload.stage_limit:
             stages = stages[: workload.stage_limit]
             setup = dataclasses.replace(setup, stages={"cascading": stages})
@@ -195,7 +205,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             q_names = qd.quantus_layers(setup.model)
             q_layers = len(q_names)
             if granularity == "layer":
-                same_order = q_names == [s.name for s in setup.stages["cascading"]]
+                same_order = q_names == [s.name for s in all_stages]
             if granularity != "layer":
                 quantus_note = ("n/a: Quantus randomizes module by module only "
                                 f"({q_layers} modules); '{granularity}' granularity cannot be "
@@ -206,6 +216,11 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 if workload.stage_limit:
                     quantus_note = (f"Quantus ran all its {q_layers} layers (cannot be "
                                     f"truncated); the others ran {len(stages)} stages")
+        if q_layers is not None:
+            log(f"  Quantus randomizes {q_layers} modules"
+                + ("" if same_order is None else
+                   f"; same modules and order as saliencycheck's {len(all_stages)} stages: "
+                   f"{same_order}") + (f"; {quantus_note}" if quantus_note else ""))
         quantus_scores: dict[str, dict] = {}
         q_method_times: dict[str, list[float]] = {m.label: [] for m in quantus_methods}
         with_ssim = "ssim" in workload.metrics
@@ -232,6 +247,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
         order = [c for c in CONTENDERS if c in runners]
 
         times: dict[str, list[float]] = {name: [] for name in order}
+        others: dict[str, list[float | None]] = {name: [] for name in order}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Quantus/Captum chatter must not be timed or shown
             # --- warm-up: trained model + the first stage, each contender once
@@ -244,17 +260,19 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 log(f"  warm-up {name}: {time.perf_counter() - start:.1f} s")
             for r in range(repeat):
                 for name in order:
-                    seconds = timed(runners[name], device)
+                    seconds, busy = timed(runners[name], device)
                     times[name].append(seconds)
+                    others[name].append(busy)
                     extra = ""
                     if name == "quantus":
                         extra = " (" + ", ".join(f"{k} {v[-1]:.1f} s"
                                                  for k, v in q_method_times.items()) + ")"
-                    log(f"  run {r + 1}/{repeat} {name}: {seconds:.2f} s{extra}")
+                    log(f"  run {r + 1}/{repeat} {name}: {seconds:.2f} s{extra}; other "
+                        f"processes kept {fmt(busy)} cores busy")
 
         result = CaseResult(
             workload=workload, granularity=granularity, device=str(device), stages=len(stages),
-            prepare_s=prepare_s, times=times, quantus_method_times=q_method_times,
+            prepare_s=prepare_s, times=times, others=others, quantus_method_times=q_method_times,
             quantus_layers=q_layers, quantus_note=quantus_note, quantus_same_order=same_order,
             sc_timings={k: v for k, v in sc_timings.items() if k != "summary"})
         if agreement:
@@ -429,9 +447,9 @@ def target_lines(results: list[CaseResult]) -> list[str]:
                 lines.append(f"- {text}: not measured")
                 continue
             met = ratio <= TARGETS_A[contender] + 1e-12
-            extra = f" (Quantus/saliencycheck = {1 / ratio:.2f}×)" if contender == "quantus" \
+            extra = f" (Quantus/saliencycheck = {1 / ratio:.3f}×)" if contender == "quantus" \
                 else ""
-            lines.append(f"- {text}: saliencycheck/{contender} = {ratio:.2f}{extra} → "
+            lines.append(f"- {text}: saliencycheck/{contender} = {ratio:.3f}{extra} → "
                          f"**{'met' if met else 'NOT met'}**")
     return lines
 
@@ -475,11 +493,17 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
         lines += ["Targets of the issue for workload (a), fp32 (reported, never asserted):", ""]
         lines += targets + [""]
     lines += ["## Every run", "",
-              "| workload | granularity | contender | runs (s) |", "|---|---|---|---|"]
+              "Wall seconds of each timed run, in the order they ran (contenders interleaved "
+              "within each repeat), and how many CPU cores other processes on the machine kept "
+              "busy on average during that run (from /proc/stat minus this process; above ~0.2 "
+              "the run competed for the cores and its time is inflated).", "",
+              "| workload | granularity | contender | runs (s) | other processes (cores) |",
+              "|---|---|---|---|---|"]
     for r in results:
         for name, values in r.times.items():
             lines.append(f"| {r.workload.key} | {r.granularity} | {name} | "
-                         f"{', '.join(f'{x:.2f}' for x in values)} |")
+                         f"{', '.join(f'{x:.2f}' for x in values)} | "
+                         f"{', '.join(fmt(x) for x in r.others[name])} |")
     lines.append("")
     for r in results:
         if r.sc_timings:
@@ -516,7 +540,7 @@ def agreement_lines(r: CaseResult) -> list[str]:
         lines += ["", "saliencycheck's trained-model maps vs the Captum maps Quantus explains, "
                   "both reduced as Quantus reduces them (gradient: Σ_c |g|, Captum Saliency; "
                   "others: |Σ_c a|):", "",
-                  "| method | max |Δ| / max | min Spearman over images |", "|---|---|---|"]
+                  "| method | max abs Δ / max abs | min Spearman over images |", "|---|---|---|"]
         for k, v in a["trained_maps"].items():
             lines.append(f"| {k} | {v['max_rel_diff']:.1e} | {v['min_spearman']:.6f} |")
     if a["per_layer"]:
@@ -524,7 +548,8 @@ def agreement_lines(r: CaseResult) -> list[str]:
                   "replayed: its module list, top-down, seed 42): Quantus's MPRT score vs "
                   "`saliencycheck.metrics.spearman` on saliencycheck's maps with Quantus's "
                   "reduction (|·|, channel sum; its batch-max division is rank-neutral):", "",
-                  "| method | layers | image×layer pairs | max |Δ| | mean |Δ| | NaN in one only |",
+                  "| method | layers | image×layer pairs | max abs Δ | mean abs Δ "
+                  "| NaN in one only |",
                   "|---|---|---|---|---|---|"]
         for k, v in a["per_layer"].items():
             lines.append(f"| {k} | {v['layers']} | {v['pairs']} | {v['max_abs_diff']:.1e} | "
@@ -590,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=("a", "b", "all"), default="all")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per contender")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="timed runs per contender; the minimum is reported (default 2)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny sizes, first 3 stages; writes no results file")
     parser.add_argument("--output", type=Path, default=None,

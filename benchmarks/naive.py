@@ -90,8 +90,9 @@ def gradcam(model: nn.Module, inputs: Tensor, targets: Tensor, *, layer: str,
     """ReLU(Σ_k α_k A_k) at ``layer``, α the spatial mean gradient, upsampled; (N, 1, H, W)."""
     module = model.get_submodule(layer)
     maps = []
+    captured: list[Tensor] = []
     for x, t in zip(inputs.split(chunk_size), targets.split(chunk_size)):
-        captured: list[Tensor] = []
+        captured.clear()
         handle = module.register_forward_hook(lambda _m, _a, out: captured.append(out))
         try:
             score = _target_score(model, x, t)

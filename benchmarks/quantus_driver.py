@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor, nn
-
 import quantus
+import torch
 from quantus.helpers.model.pytorch_model import PyTorchModel
+from torch import Tensor, nn
 
 
 def quantus_version() -> str:

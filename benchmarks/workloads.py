@@ -102,7 +102,8 @@ def workload_b(*, gpu: bool, quick: bool = False) -> Workload:
         methods=methods, granularities=("block",), batch_size=8, image_source="photos",
         stage_limit=3 if quick else None,
         notes=["Reduced on the CPU: 64×64 instead of 224×224, 2 images instead of 64, block "
-               "granularity only (19 stages; layer granularity has 107)."])
+               "granularity only (19 stages; layer granularity has 107), hence no Quantus column: "
+               "Quantus has no block granularity."])
 
 
 def prepare_images(workload: Workload, folder: Path) -> Path:
