@@ -12,7 +12,7 @@ from saliencycheck.data import load_images
 from saliencycheck.methods.passes import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.postprocess import PostprocessOptions, absolute
-from saliencycheck.randomization import RandomizedModels
+from saliencycheck.randomization import RandomizedModels, logit_change
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
@@ -32,11 +32,6 @@ def compute_targets(setup: RunSetup, ids: list[str], logits: torch.Tensor) -> to
     if target == "label":
         return torch.tensor([setup.labels[i] for i in ids], device=logits.device)
     return torch.full((len(ids),), int(target), device=logits.device, dtype=torch.long)
-
-
-def relative_logit_change(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per image ||z' − z|| / ||z||: zero when a stage leaves the outputs untouched."""
-    return (logits - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)
 
 
 class UnitExecutor:
@@ -82,11 +77,11 @@ class UnitExecutor:
                 explained = (stage_logits.argmax(dim=1)
                              if tests.target_on_randomized == "recompute" else targets)
                 maps = compute_maps(setup.methods, model, inputs, explained, setup.context)
-                change = relative_logit_change(logits, stage_logits)
-                agree = (stage_logits.argmax(1) == logits.argmax(1)).float()
+                change = logit_change(logits, stage_logits)  # means over this unit's images
                 result.stages.append(StageObservation(
                     test=test, stage_index=stage.index, n=len(ids),
-                    relative_l2_sum=float(change.sum()), top1_agreement_sum=float(agree.sum())))
+                    relative_l2_sum=change["relative_l2"] * len(ids),
+                    top1_agreement_sum=change["top1_agreement"] * len(ids)))
                 self._score_stage(result, raw_maps, test, stage.index, stage.name, ids, targets,
                                   explained, trained, maps)
                 progress(1, f"{unit.id}: {test} {stage.name}")
