@@ -12,6 +12,7 @@ METHODS = [
     "gradient",
     "gradient_x_input",
     {"name": "integrated_gradients", "steps": 3},
+    {"name": "integrated_gradients", "steps": 3, "rule": "gauss_lobatto", "label": "ig_lobatto"},
     {"name": "gradcam", "layer": "3"},
     "guided_backprop",
     {"name": "guided_gradcam", "layer": "3"},
@@ -123,3 +124,48 @@ def test_reduced_precision_is_close_but_not_identical() -> None:
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     for a, b in zip(fp32, bf16):
         assert spearmanr(a.flatten(), b.flatten())[0] > 0.9
+
+
+class Quadratic(nn.Module):
+    """f(x) = Σ_j (W_j · x)² + v · x: its gradient is linear along any path, so every
+    quadrature with two or more nodes integrates it exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(5, 4, 48, generator=generator, dtype=torch.float64))
+        self.v = nn.Parameter(torch.randn(5, 48, generator=generator, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return (torch.einsum("cjf,nf->ncj", self.w, x) ** 2).sum(-1) + x @ self.v.T
+
+
+@pytest.mark.parametrize("baseline", ["black", "blur"])
+def test_gauss_lobatto_integrates_as_exactly_as_gauss_legendre(baseline: str) -> None:
+    model = Quadratic().eval()
+    inputs = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(4),
+                         dtype=torch.float64)
+    targets = torch.tensor([0, 3, 4])
+    legendre, lobatto = (
+        resolve_method({"name": "integrated_gradients", "steps": 4, "baseline": baseline,
+                        "rule": rule})(model, inputs, targets)
+        for rule in ("gauss_legendre", "gauss_lobatto"))
+    torch.testing.assert_close(lobatto, legendre, rtol=1e-10, atol=1e-10)
+
+
+def test_gauss_lobatto_shares_the_input_rows_with_the_gradient(batch) -> None:
+    model, inputs, targets = batch
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        for rule, expected in (("gauss_legendre", [3 + 3 * 4]), ("gauss_lobatto", [3 + 3 * 3])):
+            rows.clear()
+            methods = [resolve_method("gradient"), resolve_method(
+                {"name": "integrated_gradients", "steps": 4, "rule": rule})]
+            compute_maps(methods, model, inputs, targets, AttributionContext(chunk_size=1000))
+            assert rows == expected
+    finally:
+        handle.remove()
+    with pytest.raises(Exception, match="steps >= 2"):
+        resolve_method({"name": "integrated_gradients", "steps": 1, "rule": "gauss_lobatto"})

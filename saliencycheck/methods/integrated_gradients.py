@@ -1,12 +1,14 @@
-"""Integrated Gradients (Sundararajan et al. 2017) with Gauss–Legendre quadrature."""
+"""Integrated Gradients (Sundararajan et al. 2017) with Gauss–Legendre or Gauss–Lobatto
+quadrature."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from saliencycheck.methods.base import AttributionContext
@@ -25,6 +27,18 @@ class IntegratedGradientsParams(MethodParams):
         "blur (Gaussian-blurred input) or uniform (seeded U(0,1) pixels)",
     )
     blur_sigma: float = Field(5.0, gt=0, description="σ in pixels of the 'blur' baseline")
+    rule: Literal["gauss_legendre", "gauss_lobatto"] = Field(
+        "gauss_legendre",
+        description="quadrature: gauss_legendre (exact to degree 2·steps−1, Captum's "
+        "'gausslegendre') or gauss_lobatto (exact to degree 2·steps−3; its last node is the "
+        "input itself, so those rows are shared with gradient and Grad-CAM; steps ≥ 2)",
+    )
+
+    @model_validator(mode="after")
+    def _lobatto_needs_two_nodes(self) -> IntegratedGradientsParams:
+        if self.rule == "gauss_lobatto" and self.steps < 2:
+            raise ValueError("gauss_lobatto needs steps >= 2 (its nodes include both ends)")
+        return self
 
 
 def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,26 +47,45 @@ def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (nodes + 1) / 2, weights / 2
 
 
+def gauss_lobatto(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes (ascending, first 0 and last 1) and weights of the ``steps``-point Gauss–Lobatto
+    rule on [0, 1]: interior nodes are the roots of P'_{n−1}, w_k = 2 / (n(n−1) P_{n−1}(x_k)²)
+    on [−1, 1] (Abramowitz & Stegun 25.4.32)."""
+    legendre = np.polynomial.legendre.Legendre.basis(steps - 1)
+    nodes = np.concatenate([[-1.0], np.sort(legendre.deriv().roots().real), [1.0]])
+    weights = 2.0 / (steps * (steps - 1) * legendre(nodes) ** 2)
+    return (nodes + 1) / 2, weights / 2
+
+
 @dataclass
-class _WeightedSum:
-    """Consumer accumulating Σ_k w_k ∇f(point_k) per image, streamed chunk by chunk."""
+class _Total:
+    """Σ_k w_k ∇f(point_k) per image, shared by the consumers of one integral."""
 
     count: int
+    value: Tensor | None = field(default=None, repr=False)
+
+    def add(self, image: Tensor, weighted: Tensor) -> None:
+        if self.value is None:
+            self.value = weighted.new_zeros((self.count, *weighted.shape[1:]))
+        self.value.index_add_(0, image.to(weighted.device), weighted)
+
+
+@dataclass
+class _WeightedSum:
+    """Consumer adding w_k ∇f(point) of rows ``image·steps + k`` into a total, chunk by chunk."""
+
+    total: _Total
     steps: int
     weights: np.ndarray
     layer: str | None = None
-    total: Tensor | None = field(default=None, repr=False)
 
     def add(self, index: Tensor, inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> None:
-        if self.total is None:
-            self.total = grads.new_zeros((self.count, *grads.shape[1:]))
         weights = torch.as_tensor(self.weights, dtype=grads.dtype, device=grads.device)
         step = (index % self.steps).to(grads.device)
-        image = (index // self.steps).to(grads.device)
-        self.total.index_add_(0, image, grads * weights[step].view(-1, 1, 1, 1))
+        self.total.add(index // self.steps, grads * weights[step].view(-1, 1, 1, 1))
 
     def result(self) -> Tensor:
-        return self.total
+        return self.total.value
 
 
 @planned_method(
@@ -62,7 +95,7 @@ class _WeightedSum:
 )
 def integrated_gradients(
     model: nn.Module, source: RowSource, context: AttributionContext, *,
-    steps: int, baseline: Baseline, blur_sigma: float,
+    steps: int, baseline: Baseline, blur_sigma: float, rule: str,
 ) -> MethodPlan:
     """``(x − x') · Σ_k w_k ∇f(x' + α_k (x − x'))``, shape (N, C, H, W).
 
@@ -70,27 +103,36 @@ def integrated_gradients(
     integrands that are polynomials of degree < 2·steps; a left/right Riemann sum would give
     only (steps − 1)/steps of the exact value on a linear model. So on a linear model the
     attributions sum to f(x) − f(x') to float precision (completeness). The images × steps
-    path points are built chunk by chunk inside the shared passes.
+    path points are built chunk by chunk inside the shared passes. With ``gauss_lobatto``
+    the node α = 1 is the input itself: its rows are the images' own, shared with gradient,
+    gradient × input and Grad-CAM (exact for degree ≤ 2·steps − 3 instead of 2·steps − 1).
     """
-    alphas, weights = gauss_legendre(steps)
+    alphas, weights = (gauss_lobatto if rule == "gauss_lobatto" else gauss_legendre)(steps)
+    at_input = rule == "gauss_lobatto"  # the last node is α = 1: the images themselves
+    path_nodes = steps - 1 if at_input else steps
 
     def reference(inputs: Tensor) -> Tensor:
         return make_baseline(baseline, inputs, context, blur_sigma=blur_sigma)
 
     def build(index: Tensor) -> tuple[Tensor, Tensor]:
-        inputs, targets = source.build(index // steps)
+        inputs, targets = source.build(index // path_nodes)
         alpha = torch.as_tensor(alphas, dtype=inputs.dtype, device=inputs.device)
-        alpha = alpha[(index % steps).to(inputs.device)].view(-1, 1, 1, 1)
+        alpha = alpha[(index % path_nodes).to(inputs.device)].view(-1, 1, 1, 1)
         ref = reference(inputs)
         return ref + alpha * (inputs - ref), targets
 
     points = RowSource(key=("integrated_gradients", source.key, steps, baseline, blur_sigma,
-                            context.seed),
-                       count=source.count * steps, build=build)
-    total = _WeightedSum(count=source.count, steps=steps, weights=weights)
+                            context.seed, rule),
+                       count=source.count * path_nodes, build=build)
+    total = _Total(count=source.count)
+    requests = [Request("plain", points, _WeightedSum(total, path_nodes, weights[:path_nodes]),
+                        "integrated_gradients")]
+    if at_input:
+        requests.append(Request("plain", source, _WeightedSum(total, 1, weights[-1:]),
+                                "integrated_gradients"))
 
     def finish() -> Tensor:
         inputs, _ = source.build(torch.arange(source.count))
-        return (inputs - reference(inputs)) * total.result()
+        return (inputs - reference(inputs)) * total.value
 
-    return MethodPlan([Request("plain", points, total, "integrated_gradients")], finish)
+    return MethodPlan(requests, finish)
