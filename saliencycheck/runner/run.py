@@ -86,11 +86,9 @@ def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunRe
     total = steps_per_unit * len(units)
     progress(0, total, "starting")
     executor = UnitExecutor(setup)
-    done = 0
     try:
         for unit in units:
             store.save(executor.run(unit, lambda n, text: progress(n, total, text)))
-            done += 1
     except KeyboardInterrupt:
         write_outputs(setup, store, units_total=len(units),
                       timings={"compute_s": time.perf_counter() - started})
