@@ -15,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.feature import hog
 from torch import Tensor
 
 from saliencycheck.errors import ConfigError
@@ -256,25 +254,70 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0) -> Scores:
     view="minmax",
     description="Spearman correlation of the HOG descriptors of the min-max maps.",
 )
+def hog_descriptors(maps: Tensor, *, pixels_per_cell: int = 16, orientations: int = 9,
+                    cells_per_block: int = 3, eps: float = 1e-5) -> Tensor:
+    """HOG feature vectors of a batch of maps, (B, H, W) -> (B, D), on the maps' device.
+
+    Written in torch, batched (and so on the GPU with the maps), instead of calling
+    ``skimage.feature.hog`` once per map on the CPU; it reproduces skimage's defaults step by
+    step (agrees to about 1e-7, tested to 1e-6): central differences [-1, 0, 1] with zero
+    borders, unsigned orientation ``atan2(g_row, g_col)`` in degrees mod 180, hard binning
+    into ``orientations`` bins of [i·180/n, (i+1)·180/n) (an angle of exactly 180 falls in no
+    bin, as in skimage),
+    cell histograms of magnitudes divided by the cell area (pixels beyond the last whole cell
+    ignored), then L2-Hys over every block of ``cells_per_block``² cells (stride one cell).
+    """
+    x = maps.to(_work_dtype(maps.device))
+    batch, height, width = x.shape
+    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
+    g_row[:, 1:-1, :] = x[:, 2:, :] - x[:, :-2, :]
+    g_col[:, :, 1:-1] = x[:, :, 2:] - x[:, :, :-2]
+    cells_r, cells_c = height // pixels_per_cell, width // pixels_per_cell
+    covered = (slice(None), slice(0, cells_r * pixels_per_cell),
+               slice(0, cells_c * pixels_per_cell))
+    magnitude = torch.hypot(g_col, g_row)[covered]
+    angle = torch.remainder(torch.rad2deg(torch.atan2(g_row, g_col)), 180.0)[covered]
+    width_deg = 180.0 / orientations
+    bins = torch.floor(angle / width_deg).long()
+    # Same membership test as skimage: start <= angle < end with start = i * width_deg.
+    bins = bins - (angle < bins * width_deg).long() + (angle >= (bins + 1) * width_deg).long()
+    valid = (bins >= 0) & (bins < orientations)
+    rows = torch.arange(cells_r * pixels_per_cell, device=x.device) // pixels_per_cell
+    cols = torch.arange(cells_c * pixels_per_cell, device=x.device) // pixels_per_cell
+    cell = (rows[:, None] * cells_c + cols[None, :]).expand_as(bins)
+    index = (cell * orientations + bins.clamp(0, orientations - 1)).flatten(1)
+    hist = torch.zeros(batch, cells_r * cells_c * orientations, dtype=x.dtype, device=x.device)
+    hist.scatter_add_(1, index, (magnitude * valid).flatten(1))
+    hist = hist.view(batch, cells_r, cells_c, orientations) / pixels_per_cell**2
+    blocks = hist.unfold(1, cells_per_block, 1).unfold(2, cells_per_block, 1)
+    blocks = blocks.permute(0, 1, 2, 4, 5, 3)  # (B, blocks_r, blocks_c, cell_r, cell_c, bins)
+    norm = blocks.pow(2).sum(dim=(3, 4, 5), keepdim=True).add(eps**2).sqrt()
+    blocks = (blocks / norm).clamp(max=0.2)
+    norm = blocks.pow(2).sum(dim=(3, 4, 5), keepdim=True).add(eps**2).sqrt()
+    return (blocks / norm).flatten(1)
+
+
+@register_metric(
+    "hog",
+    view="minmax",
+    description="Spearman correlation of the HOG descriptors of the min-max maps.",
+)
 def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores:
     """Rank correlation of the HOG descriptors of each pair of maps, (B, H, W) x 2 -> (B,).
 
-    Descriptors from ``skimage.feature.hog(map, pixels_per_cell=(16, 16))`` with skimage's
-    defaults (9 orientations, 3x3 cells per block, L2-Hys), computed per map on the CPU.
-    They are compared by Spearman, as the original code did; the paper's text says Pearson.
-    NaN for maps smaller than one block (3 cells a side) or a constant descriptor.
+    Descriptors as ``skimage.feature.hog(map, pixels_per_cell=(16, 16))`` with skimage's
+    defaults (9 orientations, 3x3 cells per block, L2-Hys), computed batched in torch by
+    :func:`hog_descriptors`. They are compared by Spearman, as the original code did; the
+    paper's text says Pearson. NaN for maps smaller than one block (3 cells a side) or a
+    constant descriptor.
     """
     _check_images(a, b)
     block = 3 * pixels_per_cell
     if min(a.shape[1:]) < block:
         return _all_undefined(a, f"map smaller than one HOG block ({block}x{block})")
-
-    def descriptors(maps: Tensor) -> Tensor:
-        cell = (pixels_per_cell, pixels_per_cell)
-        rows = [hog(m, pixels_per_cell=cell) for m in maps.detach().cpu().numpy()]
-        return torch.from_numpy(np.stack(rows)).to(a.device)
-
-    return _correlation(descriptors(a), descriptors(b), rank=True, noun="HOG descriptor")
+    return _correlation(hog_descriptors(a, pixels_per_cell=pixels_per_cell),
+                        hog_descriptors(b, pixels_per_cell=pixels_per_cell),
+                        rank=True, noun="HOG descriptor")
 
 
 def score_maps(

@@ -269,3 +269,20 @@ def test_score_maps_computes_views_once_and_matches_metrics(monkeypatch) -> None
     calls.clear()
     score_maps(reference, candidate, ["ssim", "hog"], options)
     assert calls == [{"minmax"}] * 2
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 70), (61, 77), (48, 48)])
+@pytest.mark.parametrize("pixels_per_cell", [16, 15, 8])
+def test_hog_descriptors_match_skimage(shape: tuple[int, int], pixels_per_cell: int) -> None:
+    from skimage.feature import hog
+
+    from saliencycheck.metrics import hog_descriptors
+
+    rng = np.random.default_rng(sum(shape) + pixels_per_cell)
+    maps = [rng.random(shape), np.round(rng.random(shape) * 4) / 4,  # many ties and flat areas
+            np.kron(rng.random((shape[0] // 8 + 1, shape[1] // 8 + 1)), np.ones((8, 8)))[
+                : shape[0], : shape[1]], np.zeros(shape)]
+    got = hog_descriptors(torch.from_numpy(np.stack(maps)), pixels_per_cell=pixels_per_cell)
+    for m, descriptor in zip(maps, got):
+        expected = hog(m, pixels_per_cell=(pixels_per_cell, pixels_per_cell))
+        np.testing.assert_allclose(descriptor.numpy(), expected, rtol=0, atol=1e-6)
