@@ -25,7 +25,7 @@ def test_interrupt_keeps_finished_units(project: Path) -> None:  # noqa: F811
     config = project / "config.yaml"
     setup = prepare(load_config(config, ["runtime.batch_size=2", "output.figures=false"]))
     calls = {"n": 0}
-    per_unit = 1 + sum(len(s) for s in setup.stages.values())
+    per_unit = setup.steps_per_unit
 
     def progress(steps: int, total: int, text: str) -> None:
         calls["n"] += steps

@@ -11,7 +11,7 @@ import torch
 from saliencycheck.data import load_images
 from saliencycheck.methods.passes import compute_maps
 from saliencycheck.metrics import score_maps
-from saliencycheck.postprocess import PostprocessOptions, absolute
+from saliencycheck.postprocess import absolute
 from saliencycheck.randomization import RandomizedModels, logit_change
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
@@ -40,11 +40,6 @@ class UnitExecutor:
     def __init__(self, setup: RunSetup) -> None:
         self.setup = setup
         self.randomized = RandomizedModels(setup.model)
-        post = setup.config.postprocess
-        self.post = PostprocessOptions(abs_reduction=post.abs_reduction,
-                                       signed_reduction=post.signed_reduction,
-                                       percentile=post.percentile)
-        self.figure_ids = setup.figure_ids
 
     def run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
         setup = self.setup
@@ -52,7 +47,7 @@ class UnitExecutor:
                                        setup.preprocessing)
         result = UnitResult(unit_id=unit.id, skipped=[(str(s.path), s.reason) for s in skipped])
         if not records:
-            progress(1 + sum(len(s) for s in setup.stages.values()), f"{unit.id}: unreadable")
+            progress(setup.steps_per_unit, f"{unit.id}: unreadable")
             return result
         ids = [r.id for r in records]
         inputs = torch.stack([r.tensor for r in records]).to(setup.device)
@@ -97,7 +92,7 @@ class UnitExecutor:
         setup = self.setup
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, candidate in maps.items():
-            scores = score_maps(reference[method], candidate, setup.config.metrics, self.post)
+            scores = score_maps(reference[method], candidate, setup.config.metrics, setup.post)
             for metric, score in scores.items():
                 values = score.values.tolist()
                 for i, image in enumerate(ids):
@@ -105,10 +100,10 @@ class UnitExecutor:
                         image=image, target=target_list[i], target_explained=explained_list[i],
                         method=method, test=test, stage_index=stage_index, stage=stage_name,
                         metric=metric, value=float(values[i]), note=score.reasons[i]))
-            wanted = [i for i, image in enumerate(ids) if image in self.figure_ids]
+            wanted = [i for i, image in enumerate(ids) if image in setup.figure_ids]
             if wanted:
-                shown = absolute(candidate[wanted], reduction=self.post.abs_reduction,
-                                 percentile=self.post.percentile).cpu().numpy()
+                shown = absolute(candidate[wanted], reduction=setup.post.abs_reduction,
+                                 percentile=setup.post.percentile).cpu().numpy()
                 for row, i in enumerate(wanted):
                     key = figure_key(ids[i], test, method)
                     stack = result.figure_maps.get(key)

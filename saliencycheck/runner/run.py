@@ -20,7 +20,6 @@ import torch
 from saliencycheck.data import load_images
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
-from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.report.figures import similarity_curves, stage_grid
 from saliencycheck.report.tables import (
     SummaryRow,
@@ -82,8 +81,7 @@ def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunRe
     store.clear()
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
     fidelity = precision_fidelity(setup)
-    steps_per_unit = 1 + sum(len(s) for s in setup.stages.values())
-    total = steps_per_unit * len(units)
+    total = setup.steps_per_unit * len(units)
     progress(0, total, "starting")
     executor = UnitExecutor(setup)
     try:
@@ -111,9 +109,7 @@ def precision_fidelity(setup: RunSetup) -> dict[str, float]:
     reduced = compute_maps(setup.methods, setup.model, inputs, targets, setup.context)
     exact = compute_maps(setup.methods, setup.model, inputs, targets,
                          replace(setup.context, precision="fp32"))
-    post = PostprocessOptions(abs_reduction=setup.config.postprocess.abs_reduction,
-                              percentile=setup.config.postprocess.percentile)
-    return {label: float(score_maps(exact[label], reduced[label], ["spearman_abs"], post)
+    return {label: float(score_maps(exact[label], reduced[label], ["spearman_abs"], setup.post)
                          ["spearman_abs"].values.nanmean())
             for label in exact}
 
@@ -124,22 +120,23 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
     started = time.perf_counter()
     out = setup.output_dir
-    rows = store.rows()
+    stored = store.load()
+    rows = stored.rows
     write_report(out / "report.csv", rows)
     summary = summarize(rows)
     write_summary(out / "summary.csv", summary)
-    write_stages(out / "stages.csv", setup.stages, store.stage_observations())
+    write_stages(out / "stages.csv", setup.stages, stored.stages)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
     final_stage = {test: len(stages) for test, stages in setup.stages.items()}
     timings = {**timings, "report_s": time.perf_counter() - started}
-    write_run_json(setup, out / "run.json", timings=timings, units_done=len(store.unit_ids()),
-                   units_total=units_total, skipped=store.skipped(), fidelity=fidelity or {})
-    return RunResult(output_dir=out, summary=summary, skipped=store.skipped(),
+    write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
+                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity or {})
+    return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
                      precision=setup.context.precision, fidelity=fidelity or {},
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
-                     units_done=len(store.unit_ids()), units_total=units_total, timings=timings)
+                     units_done=len(stored.unit_ids), units_total=units_total, timings=timings)
 
 
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:

@@ -7,7 +7,7 @@ the images load and every method's parameters are valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from saliencycheck.models import (
     get_submodule,
     resolve_device,
 )
-from saliencycheck.randomization import Block, Stage, find_blocks, plan_stages
+from saliencycheck.postprocess import PostprocessOptions
+from saliencycheck.randomization import Stage, find_blocks, plan_stages
 
 TESTS = ("cascading", "independent")
 
@@ -55,9 +56,13 @@ class RunSetup:
     labels: dict[str, int] | None
     methods: list[ResolvedMethod]
     stages: dict[str, list[Stage]]  # per enabled test
-    blocks: dict[str, list[Block]]
     context: AttributionContext
-    notes: list[str] = field(default_factory=list)
+    post: PostprocessOptions
+
+    @property
+    def steps_per_unit(self) -> int:
+        """Progress steps of one work unit: the trained model, then every stage of every test."""
+        return 1 + sum(len(s) for s in self.stages.values())
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
@@ -202,12 +207,12 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
 
     methods = with_default_layers(methods, model, example)
     tests = config.tests
-    blocks, stages = {}, {}
+    stages = {}
     for name in TESTS:
         section = getattr(tests, name)
         if section.enabled:
-            blocks[name] = find_blocks(model, example, granularity=section.granularity)
-            stages[name] = plan_stages(blocks[name], model=model, test=name, order=section.order)
+            blocks = find_blocks(model, example, granularity=section.granularity)
+            stages[name] = plan_stages(blocks, model=model, test=name, order=section.order)
 
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
                                  chunk_size=config.runtime.chunk_size,
@@ -216,5 +221,8 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
         images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
-        blocks=blocks, context=context,
+        context=context,
+        post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
+                                signed_reduction=config.postprocess.signed_reduction,
+                                percentile=config.postprocess.percentile),
     )

@@ -44,6 +44,16 @@ class StageObservation:
     top1_agreement_sum: float
 
 
+@dataclass(frozen=True)
+class StoredResults:
+    """Everything the finished units hold, read in one pass over the store."""
+
+    unit_ids: list[str]
+    rows: list[ScoreRow]
+    stages: list[StageObservation]
+    skipped: list[tuple[str, str]]  # (path, reason) of unreadable images
+
+
 @dataclass
 class UnitResult:
     unit_id: str
@@ -84,18 +94,16 @@ class ResultStore:
         _atomic_write(self.root / f"{result.unit_id}.json",
                       lambda tmp: tmp.write_text(json.dumps(payload), encoding="utf-8"))
 
-    def unit_ids(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("unit-*.json"))
-
-    def rows(self) -> list[ScoreRow]:
-        return [ScoreRow(**row) for unit in self._units() for row in unit["rows"]]
-
-    def stage_observations(self) -> list[StageObservation]:
-        return [StageObservation(**s) for unit in self._units() for s in unit["stages"]]
-
-    def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of every image a finished unit could not read."""
-        return [tuple(s) for unit in self._units() for s in unit.get("skipped", [])]
+    def load(self) -> StoredResults:
+        """Rows, stage observations and skipped images of every finished unit."""
+        units = [json.loads(p.read_text(encoding="utf-8"))
+                 for p in sorted(self.root.glob("unit-*.json"))]
+        return StoredResults(
+            unit_ids=[unit["unit_id"] for unit in units],
+            rows=[ScoreRow(**row) for unit in units for row in unit["rows"]],
+            stages=[StageObservation(**s) for unit in units for s in unit["stages"]],
+            skipped=[tuple(s) for unit in units for s in unit["skipped"]],
+        )
 
     def figure_maps(self) -> dict[str, np.ndarray]:
         maps: dict[str, np.ndarray] = {}
@@ -103,7 +111,3 @@ class ResultStore:
             with np.load(path) as data:
                 maps.update({key: data[key] for key in data.files})
         return maps
-
-    def _units(self) -> list[dict]:
-        return [json.loads(p.read_text(encoding="utf-8"))
-                for p in sorted(self.root.glob("unit-*.json"))]
