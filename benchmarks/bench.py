@@ -10,7 +10,8 @@ images, targets, methods, stage list and metrics (see benchmarks/README.md):
 1. saliencycheck: ``run_check`` (maps, scores, CSV reports; figures off);
 2. Quantus MPRT with Captum methods, one MPRT call per method, both metrics in the call;
 3. naive bare compute: each method's own passes, full forward every time (benchmarks/naive.py);
-4. minimal bare compute: ``compute_maps`` for the trained and every stage model, nothing else.
+4. minimal bare compute: the executor's shared, prefix-cached passes for the trained model and
+   every stage (``UnitExecutor.group_maps``), no logits pass, no metrics, no I/O.
 
 Each contender is warmed up once (trained model and the first stage) before timing; times are
 wall-clock (``time.perf_counter``, CUDA synchronised), the minimum over ``--repeat`` runs is
@@ -51,6 +52,7 @@ from saliencycheck.methods import compute_maps  # noqa: E402
 from saliencycheck.metrics import spearman  # noqa: E402
 from saliencycheck.randomization import RandomizedModels  # noqa: E402
 from saliencycheck.runner import prepare, run_check  # noqa: E402
+from saliencycheck.runner.executor import UnitExecutor  # noqa: E402
 
 try:
     from benchmarks import quantus_driver as qd  # noqa: E402
@@ -155,7 +157,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             setup = dataclasses.replace(setup, stages={"cascading": stages})
         tests = setup.config.tests
         seed = setup.config.runtime.seed
-        chunk = setup.config.runtime.chunk_size
+        chunk = setup.context.chunk_size
         mean, std = setup.preprocessing.mean, setup.preprocessing.std
         inputs = input_batch(setup).to(device)
         with torch.no_grad():
@@ -173,16 +175,21 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 return model(inputs).argmax(dim=1)
 
         def run_minimal(limit: int | None = None) -> None:
+            run_setup = dataclasses.replace(setup, stages={"cascading": stages[:limit]}) \
+                if limit else setup
+            executor = UnitExecutor(run_setup)
             targets = targets_of(setup.model)
-            compute_maps(setup.methods, setup.model, inputs, targets, setup.context)
-            for _, model in stage_iter(RandomizedModels(setup.model), limit):
-                compute_maps(setup.methods, model, inputs, targets, setup.context)
+            trace = executor.prefix_trace(inputs[:1])
+            for group in executor.groups(inputs, targets):
+                executor.group_maps(inputs[group], [targets[group]] * (1 + len(executor.stages)),
+                                    trace, progress=lambda done: None)
 
         def run_naive(limit: int | None = None) -> None:
             targets = targets_of(setup.model)
             options = {"mean": mean, "std": std, "seed": seed, "chunk_size": chunk}
             naive_maps(setup.methods, setup.model, inputs, targets, **options)
             for _, model in stage_iter(RandomizedModels(setup.model), limit):
+                model.requires_grad_(True)  # as a user's model comes: parameters require grad
                 naive_maps(setup.methods, model, inputs, targets, **options)
 
         sc_timings: dict = {}

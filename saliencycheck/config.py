@@ -174,12 +174,20 @@ class RuntimeConfig(Section):
     batch_size: int = Field(
         16, ge=1, description="Images per work unit; their passes are batched together."
     )
-    chunk_size: int = Field(
-        128,
-        ge=1,
-        description="Max rows (images x integration steps x noise samples) per forward/backward.",
+    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Max rows (images x integration steps x noise samples) per "
+        "forward/backward; 'auto': from free GPU memory (measured), 128 on the CPU.",
     )
     seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
+    prefix_cache: bool = Field(
+        True,
+        description=(
+            "Reuse the trained model's activations below a stage's first randomized layer "
+            "instead of recomputing them; turn off for models whose control flow depends on "
+            "the input."
+        ),
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description=(

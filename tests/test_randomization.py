@@ -511,3 +511,60 @@ def test_logit_change_values():
     assert change["top1_agreement"] == 0.5
     with pytest.raises(ValueError, match="same shape"):
         logit_change(trained, stage[:1])
+
+
+def test_entering_stages_swaps_tensors_and_never_writes_the_trained_ones() -> None:
+    """An autograd graph built on the trained model must stay valid while stages come and go:
+    the trained tensors keep their version counters and values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8, 3)).eval()
+    example = torch.randn(1, 1, 4, 4)
+    blocks = find_blocks(model, example, granularity="layer")
+    cascading = plan_stages(blocks, model=model, test="cascading")
+    independent = plan_stages(blocks, model=model, test="independent")
+    models = RandomizedModels(model)
+    trained = {n: (p, p._version, p.detach().clone())
+               for n, p in models.model.named_parameters()}
+    x = example.clone().requires_grad_(True)
+    out = models.model(x).sum()
+    seen = []
+    for stage in [*cascading, *independent, cascading[0]]:
+        randomized = models.enter(stage, seed=3)
+        expected = copy.deepcopy(model)
+        for block in stage.randomized_blocks:
+            reinitialize_(expected, block, seed=3)
+        for (name, got), want in zip(randomized.named_parameters(), expected.parameters()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        seen.append(randomized(example))
+    models.enter(None)
+    for name, (param, version, value) in trained.items():
+        current = dict(models.model.named_parameters())[name]
+        assert current is param and param._version == version
+        torch.testing.assert_close(param, value, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out, x)  # the trained graph is still usable
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(seen[0], seen[-1])  # a stage's draw is kept, not re-drawn
+
+
+def test_tied_parameters_stay_tied_in_every_stage() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encode = nn.Linear(3, 3)
+            self.decode = nn.Linear(3, 3)
+            self.decode.weight = self.encode.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decode(self.encode(x))
+
+    model = Tied().eval()
+    stages = plan_stages(find_blocks(model, torch.zeros(1, 3), granularity="layer"),
+                         model=model, test="independent")
+    models = RandomizedModels(model)
+    for stage in stages:
+        randomized = models.enter(stage, seed=0)
+        assert randomized.encode.weight is randomized.decode.weight
+    models.enter(None)
+    assert models.model.encode.weight is models.model.decode.weight
+    torch.testing.assert_close(models.model.decode.weight, model.encode.weight)

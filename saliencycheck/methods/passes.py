@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Literal, Protocol
 
 import torch
@@ -34,6 +35,7 @@ from saliencycheck.methods.registry import (
     register_method,
 )
 from saliencycheck.models import get_submodule
+from saliencycheck.prefix import CallTrace, PrefixCache, carry_to_input, prefix_modules
 from saliencycheck.relu_rules import ReluRuleMode
 
 Family = Literal["plain", "guided", "deconvnet"]
@@ -115,6 +117,16 @@ class ChunkSize:
     halvings: int = 0
 
 
+@dataclass
+class StageRequests:
+    """The requests of one model state: ``enter()`` puts the working model in that state and
+    returns it; ``randomized`` names the modules this state changed (for the prefix cache)."""
+
+    enter: Callable[[], nn.Module]
+    requests: list[Request]
+    randomized: tuple[str, ...] = ()
+
+
 def run_requests(model: nn.Module, requests: Sequence[Request],
                  context: AttributionContext) -> ChunkSize:
     """Differentiate every request's rows, sharing rows with equal keys and passes per family.
@@ -122,11 +134,32 @@ def run_requests(model: nn.Module, requests: Sequence[Request],
     Returns the chunk size finally used (smaller than ``context.chunk_size`` after an
     out-of-memory error: the failed chunk is split and recomputed, nothing is lost).
     """
+    return run_staged([StageRequests(lambda: model, list(requests))], context)
+
+
+def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
+               trace: CallTrace | None = None, *,
+               progress: Callable[[float], None] | None = None) -> ChunkSize:
+    """:func:`run_requests` for several states of one model, chunk-major and stage-minor.
+
+    ``stages[0]`` is the reference (trained) state; the others must request the same rows
+    (same source keys and counts; targets may differ). Each chunk of rows is built once and
+    pushed through every stage in turn. With a ``trace`` (:func:`~saliencycheck.prefix.
+    trace_calls` of the model), the reference forward of the chunk is recorded and kept, and
+    each later stage stubs the modules it leaves unchanged (:mod:`saliencycheck.prefix`), so
+    only the changed suffix runs forward; gradients reach the input through the kept graph.
+    ``progress`` receives the share of the whole call's rows × stages done, as it goes.
+    """
     size = ChunkSize(context.chunk_size)
-    for family in ("plain", "guided", "deconvnet"):
-        selected = [r for r in requests if r.family == family]
-        if selected:
-            _run_family(model, family, selected, size=size, precision=context.precision)
+    families = {family: [[r for r in stage.requests if r.family == family] for stage in stages]
+                for family in ("plain", "guided", "deconvnet")}
+    total = sum(len(stages) * s.source.count for selected in families.values()
+                for s in _segments(selected[0]).values())
+    for family, selected in families.items():
+        if selected[0]:
+            _run_family(stages, family, selected, size=size, precision=context.precision,
+                        trace=trace, progress=(lambda rows: progress(rows / total))
+                        if progress else None)
     return size
 
 
@@ -137,53 +170,112 @@ class _Segment:
     names: list[str]
 
 
-def _run_family(model: nn.Module, family: Family, requests: list[Request], *,
-                size: ChunkSize, precision: str) -> None:
+def _segments(requests: list[Request]) -> dict[Hashable, _Segment]:
     segments: dict[Hashable, _Segment] = {}
     for request in requests:
         segment = segments.setdefault(request.source.key, _Segment(request.source, [], []))
         segment.consumers.append(request.consumer)
         segment.names.append(request.name)
-    layers = sorted({c.layer for s in segments.values() for c in s.consumers if c.layer})
-    modules = {path: get_submodule(model, path, field="layer") for path in layers}
-    mode = ReluRuleMode(family) if family != "plain" else None
-    context = (lambda: mode) if mode is not None else nullcontext
+    return segments
 
-    def run_chunk(pieces: list[tuple[_Segment, Tensor]]) -> None:
-        built = [segment.source.build(index) for segment, index in pieces]
-        x = torch.cat([b[0] for b in built]).detach().clone().requires_grad_(True)
-        t = torch.cat([b[1] for b in built])
+
+Piece = tuple[Hashable, Tensor]  # (source key, row indices)
+
+
+def _run_family(stages: Sequence[StageRequests], family: Family,
+                requests: list[list[Request]], *, size: ChunkSize, precision: str,
+                trace: CallTrace | None, progress: Callable[[int], None] | None) -> None:
+    per_stage = [_segments(r) for r in requests]
+    base = per_stage[0]
+    for index, segments in enumerate(per_stage[1:], start=1):
+        if {k: s.source.count for k, s in segments.items()} != \
+                {k: s.source.count for k, s in base.items()}:
+            raise ValueError(f"stage {index} requests other rows than the reference stage")
+    layers = sorted({c.layer for segments in per_stage for s in segments.values()
+                     for c in s.consumers if c.layer})
+    model = stages[0].enter()
+    modules = {path: get_submodule(model, path, field="layer") for path in layers}
+    prefixes = [()] + [prefix_modules(trace, stage.randomized, visible=layers)
+                       if trace is not None else () for stage in stages[1:]]
+    cache = PrefixCache(model, chain.from_iterable(prefixes)) if any(prefixes) else None
+    mode = ReluRuleMode(family) if family != "plain" else None
+    relu_rules = (lambda: mode) if mode is not None else nullcontext
+
+    def forward(x: Tensor, targets: Tensor, around) -> tuple[Tensor, list[Tensor]]:
         captured: dict[str, list[Tensor]] = {path: [] for path in layers}
         handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
                    for path in layers]
         try:
-            with context(), _autocast(x.device, precision):
-                score = target_logits(model, x, t).float().sum()
+            with around, relu_rules(), _autocast(x.device, precision):
+                score = target_logits(model, x, targets).float().sum()
         finally:
             for handle in handles:
                 handle.remove()
-        activations = [_last_activation(path, captured[path]) for path in layers]
-        grads = torch.autograd.grad(score, [x, *activations], allow_unused=True)
+        return score, [_last_activation(path, captured[path]) for path in layers]
+
+    def deliver(stage: int, pieces: list[Piece], x: Tensor, grad: Tensor,
+                activations: list[Tensor], layer_grads: Sequence[Tensor | None]) -> None:
         pairs = {}
-        for path, a, g in zip(layers, activations, grads[1:]):
+        for path, a, g in zip(layers, activations, layer_grads):
             if g is None:
                 raise MethodError(f"gradcam: layer {path!r} does not affect the logits; "
                                   "choose another")
             pairs[path] = (a.detach().float(), g.float())
         start = 0
-        for segment, index in pieces:
+        for key, index in pieces:
             rows = slice(start, start + len(index))
             start += len(index)
-            for consumer in segment.consumers:
+            for consumer in per_stage[stage][key].consumers:
                 pair = None
                 if consumer.layer:
                     a, g = pairs[consumer.layer]
                     pair = (a[rows], g[rows])
-                consumer.add(index, x[rows].detach(), grads[0][rows], pair)
+                consumer.add(index, x[rows].detach(), grad[rows], pair)
 
-    def run_with_retry(pieces: list[tuple[_Segment, Tensor]]) -> None:
+    def targets_of(stage: int, pieces: list[Piece]) -> Tensor:
+        return torch.cat([per_stage[stage][key].source.build(index)[1] for key, index in pieces])
+
+    def run_chunk(pieces: list[Piece], first: int, reached: list[int]) -> None:
+        """Stages ``first``.. of one chunk (stage 0's forward is always run: the prefix)."""
+        x = torch.cat([base[key].source.build(index)[0] for key, index in pieces])
+        x = x.detach().clone().requires_grad_(True)
+        recorded: dict[str, list[Tensor]] = {}
+        for stage in [0, *range(max(first, 1), len(stages))]:
+            if stages[stage].enter() is not model:
+                raise ValueError("every stage must enter the same working model")
+            if stage == 0 and first > 0 and cache is None:
+                continue  # nothing to replay from the reference forward
+            if stage == 0:
+                recording = cache.record() if cache is not None else nullcontext({})
+                with recording as recorded:
+                    score, activations = forward(x, targets_of(0, pieces), nullcontext())
+                if first > 0:
+                    continue
+                grads = torch.autograd.grad(score, [x, *activations], allow_unused=True,
+                                            retain_graph=cache is not None)
+                grad = grads[0]
+            else:
+                stubbing = cache.stub(prefixes[stage], recorded, grad=True) \
+                    if cache is not None else nullcontext([])
+                with stubbing as leaves:
+                    score, activations = forward(x, targets_of(stage, pieces), nullcontext())
+                grads = torch.autograd.grad(score, [x, *activations, *(leaf for leaf, _ in leaves)],
+                                            allow_unused=True)
+                carried = carry_to_input(
+                    [(r, g) for (_, r), g in zip(leaves, grads[1 + len(layers):])], x)
+                grad = grads[0] if carried is None else \
+                    carried if grads[0] is None else grads[0] + carried
+            if grad is None:
+                grad = torch.zeros_like(x)
+            deliver(stage, pieces, x.detach(), grad, activations, grads[1:1 + len(layers)])
+            reached[0] = stage + 1
+            if progress is not None:
+                progress(len(x))
+
+    def run_with_retry(pieces: list[Piece], first: int) -> None:
+        reached = [first]
         try:
-            run_chunk(pieces)
+            run_chunk(pieces, first, reached)
         except torch.cuda.OutOfMemoryError:
             rows = sum(len(index) for _, index in pieces)
             if rows == 1:
@@ -192,24 +284,24 @@ def _run_family(model: nn.Module, family: Family, requests: list[Request], *,
             torch.cuda.empty_cache()
             size.rows, size.halvings = max(1, rows // 2), size.halvings + 1
             for half in _split(pieces, size.rows):
-                run_with_retry(half)
+                run_with_retry(half, reached[0])
 
     with torch.enable_grad():
-        for pieces in _chunks(list(segments.values()), size):
-            run_with_retry(pieces)
+        for pieces in _chunks(list(base.values()), size):
+            run_with_retry(pieces, 0)
     if mode is not None:
-        _check_relu_report(mode, sorted({n for s in segments.values() for n in s.names}))
+        _check_relu_report(mode, sorted({n for s in base.values() for n in s.names}))
 
 
 def _chunks(segments: list[_Segment], size: ChunkSize):
-    """Yield lists of (segment, row indices) of at most ``size.rows`` rows in all (read anew
+    """Yield lists of (source key, row indices) of at most ``size.rows`` rows in all (read anew
     for every chunk, so a halving after an out-of-memory error applies to the rest)."""
     pieces, room = [], size.rows
     for segment in segments:
         start = 0
         while start < segment.source.count:
             take = min(room, segment.source.count - start)
-            pieces.append((segment, torch.arange(start, start + take)))
+            pieces.append((segment.source.key, torch.arange(start, start + take)))
             start += take
             room -= take
             if room == 0:
@@ -219,13 +311,13 @@ def _chunks(segments: list[_Segment], size: ChunkSize):
         yield pieces
 
 
-def _split(pieces: list[tuple[_Segment, Tensor]], rows: int):
+def _split(pieces: list[Piece], rows: int):
     """Re-cut a chunk's pieces into chunks of at most ``rows`` rows, in order."""
     out, room = [], rows
-    for segment, index in pieces:
+    for key, index in pieces:
         while len(index):
             take = index[:room]
-            out.append((segment, take))
+            out.append((key, take))
             index, room = index[room:], room - len(take)
             if room == 0:
                 yield out

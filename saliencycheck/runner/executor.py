@@ -1,24 +1,29 @@
-"""Execute one work unit: trained maps once, then every stage of every test, scored on device."""
+"""Execute one work unit: every stage of every test, prefix-cached and scored on the device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from saliencycheck.data import load_images
-from saliencycheck.methods.passes import compute_maps
-from saliencycheck.metrics import score_maps
+from saliencycheck.methods.passes import RowSource, StageRequests, run_staged
+from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute
-from saliencycheck.randomization import RandomizedModels, logit_change
+from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
+from saliencycheck.randomization import RandomizedModels, Stage, logit_change
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
 
 TRAINED = "trained"
-ProgressCallback = Callable[[int, str], None]  # (steps advanced, description)
+ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 
 
 def figure_key(image: str, test: str, method: str) -> str:
@@ -34,12 +39,52 @@ def compute_targets(setup: RunSetup, ids: list[str], logits: torch.Tensor) -> to
     return torch.full((len(ids),), int(target), device=logits.device, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class _StageRef:
+    """A randomization stage of one test (``stage`` None: the trained model)."""
+
+    test: str
+    stage: Stage | None
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The module paths this stage randomizes (for the prefix cache)."""
+        if self.stage is None:
+            return ()
+        return tuple(chain.from_iterable(b.module_names for b in self.stage.randomized_blocks))
+
+
 class UnitExecutor:
-    """Runs units against one model; owns the single working copy used for randomization."""
+    """Runs units against one model; owns the single working copy used for randomization.
+
+    Per unit: the logits of every stage (one prefix-cached forward each), then the images in
+    groups whose rows fill one pass, each group pushed through the trained model and every
+    stage of every test in turn (:func:`~saliencycheck.methods.passes.run_staged`), so the
+    layers a stage leaves trained are not recomputed; each group's maps are scored at once.
+    """
 
     def __init__(self, setup: RunSetup) -> None:
         self.setup = setup
         self.randomized = RandomizedModels(setup.model)
+        tests = setup.config.tests
+        self._options = dict(init=tests.init, std=tests.init_std,
+                             reset_running_stats=tests.reset_running_stats,
+                             seed=setup.config.runtime.seed)
+        for stages in setup.stages.values():
+            self.randomized.check(stages)
+        self.stages = [_StageRef(test, stage) for test, stages in setup.stages.items()
+                       for stage in stages]
+        self._trace: CallTrace | None = None
+
+    def _enter(self, ref: _StageRef | None) -> nn.Module:
+        return self.randomized.enter(ref.stage if ref else None, **self._options)
+
+    def prefix_trace(self, example: torch.Tensor) -> CallTrace | None:
+        if not self.setup.config.runtime.prefix_cache:
+            return None
+        if self._trace is None:
+            self._trace = trace_calls(self._enter(None), example)
+        return self._trace
 
     def run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
         setup = self.setup
@@ -51,49 +96,121 @@ class UnitExecutor:
             return result
         ids = [r.id for r in records]
         inputs = torch.stack([r.tensor for r in records]).to(setup.device)
-        raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
-
-        with torch.inference_mode():
-            logits = setup.model(inputs)
-        targets = compute_targets(setup, ids, logits)
-        trained = compute_maps(setup.methods, setup.model, inputs, targets, setup.context)
-        progress(1, f"{unit.id}: trained model")
-
-        for test, stages in setup.stages.items():
-            self._score_stage(result, raw_maps, test, 0, TRAINED, ids, targets, targets,
-                              trained, trained)
-            tests = setup.config.tests
-            models = self.randomized.stage_models(
-                stages, init=tests.init, std=tests.init_std,
-                reset_running_stats=tests.reset_running_stats, seed=setup.config.runtime.seed)
-            for stage, model in models:
-                with torch.inference_mode():
-                    stage_logits = model(inputs)
-                explained = (stage_logits.argmax(dim=1)
-                             if tests.target_on_randomized == "recompute" else targets)
-                maps = compute_maps(setup.methods, model, inputs, explained, setup.context)
-                change = logit_change(logits, stage_logits)  # means over this unit's images
+        trace = self.prefix_trace(inputs[:1])
+        try:
+            logits, stage_logits = self._logits(inputs, trace)
+            targets = compute_targets(setup, ids, logits)
+            explained = [stage_logits[i].argmax(dim=1)
+                         if setup.config.tests.target_on_randomized == "recompute" else targets
+                         for i in range(len(self.stages))]
+            for ref, z in zip(self.stages, stage_logits):
+                change = logit_change(logits, z)  # means over this unit's images
                 result.stages.append(StageObservation(
-                    test=test, stage_index=stage.index, n=len(ids),
+                    test=ref.test, stage_index=ref.stage.index, n=len(ids),
                     relative_l2_sum=change["relative_l2"] * len(ids),
                     top1_agreement_sum=change["top1_agreement"] * len(ids)))
-                self._score_stage(result, raw_maps, test, stage.index, stage.name, ids, targets,
-                                  explained, trained, maps)
-                progress(1, f"{unit.id}: {test} {stage.name}")
-
+            raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
+            for group in self.groups(inputs, targets):
+                share = setup.steps_per_unit * (group.stop - group.start) / len(ids)
+                maps = self.group_maps(inputs[group], [targets[group]] +
+                                        [e[group] for e in explained], trace,
+                                        lambda done, g=group, share=share: progress(
+                                            done * share, f"{unit.id}: images {g.start + 1}–"
+                                            f"{g.stop} of {len(ids)}"))
+                self._score_group(result, raw_maps, ids[group], targets[group],
+                                  [e[group] for e in explained], maps)
+        finally:
+            self._enter(None)
         if setup.config.output.save_maps:
             self._save_raw_maps(raw_maps)
         return result
 
-    def _score_stage(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
-                     test: str, stage_index: int, stage_name: str, ids: list[str],
-                     targets: torch.Tensor, explained: torch.Tensor,
-                     reference: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]) -> None:
+    def _logits(self, inputs: torch.Tensor, trace: CallTrace | None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trained logits and those of every stage; a stage runs only the modules at and
+        after its first randomized one."""
+        model = self._enter(None)
+        prefixes = [prefix_modules(trace, ref.modules) if trace else () for ref in self.stages]
+        cache = PrefixCache(model, chain.from_iterable(prefixes))
+        with torch.no_grad():
+            with cache.record() as recorded:
+                logits = model(inputs)
+            stage_logits = []
+            for ref, prefix in zip(self.stages, prefixes):
+                self._enter(ref)
+                with cache.stub(prefix, recorded, grad=False):
+                    stage_logits.append(model(inputs))
+        self._enter(None)
+        return logits, stage_logits
+
+    def groups(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[slice]:
+        """Consecutive image groups whose rows (per backward rule) fill at most one pass, so
+        the per-stage maps held at once stay within one pass's worth of images."""
+        setup = self.setup
+        source = RowSource.of(inputs, targets)
+        rows: dict[str, dict[object, int]] = {}
+        for method in setup.methods:
+            if method.spec.plan is not None:
+                plan = method.spec.plan(self.randomized.model, source, setup.context,
+                                        **dict(method.params))
+                for request in plan.requests:
+                    rows.setdefault(request.family, {})[request.source.key] = \
+                        request.source.count
+        unit_rows = max((sum(keys.values()) for keys in rows.values()), default=len(inputs))
+        size = max(1, setup.context.chunk_size * len(inputs) // unit_rows)
+        return [slice(start, min(start + size, len(inputs)))
+                for start in range(0, len(inputs), size)]
+
+    def group_maps(self, inputs: torch.Tensor, targets: list[torch.Tensor],
+                    trace: CallTrace | None, progress: Callable[[float], None]
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Raw maps of every method for the trained model (first) and each stage."""
+        setup = self.setup
+        refs: list[_StageRef | None] = [None, *self.stages]
+        plans = []
+        for stage_targets in targets:
+            source = RowSource.of(inputs, stage_targets)
+            plans.append({m.label: m.spec.plan(self.randomized.model, source, setup.context,
+                                               **dict(m.params))
+                          for m in setup.methods if m.spec.plan is not None})
+        run_staged([StageRequests(enter=partial(self._enter, ref),
+                                  requests=[r for plan in stage_plans.values()
+                                            for r in plan.requests],
+                                  randomized=ref.modules if ref else ())
+                    for ref, stage_plans in zip(refs, plans)],
+                   setup.context, trace, progress=progress)
+        maps = []
+        for ref, stage_targets, stage_plans in zip(refs, targets, plans):
+            model = self._enter(ref)
+            maps.append({m.label: stage_plans[m.label].finish() if m.label in stage_plans
+                         else m(model, inputs, stage_targets, setup.context)
+                         for m in setup.methods})
+        return maps
+
+    def _score_group(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
+                     ids: list[str], targets: torch.Tensor, explained: list[torch.Tensor],
+                     maps: list[dict[str, torch.Tensor]]) -> None:
+        setup = self.setup
+        scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
+                   for label, trained in maps[0].items()}
+        identical = {label: scorer.score(maps[0][label]) for label, scorer in scorers.items()}
+        for test in setup.stages:
+            self._record(result, raw_maps, test, 0, TRAINED, ids, targets, targets, maps[0],
+                         identical)
+        for ref, stage_explained, stage_maps in zip(self.stages, explained, maps[1:]):
+            scores = {label: scorers[label].score(candidate)
+                      for label, candidate in stage_maps.items()}
+            self._record(result, raw_maps, ref.test, ref.stage.index, ref.stage.name, ids,
+                         targets, stage_explained, stage_maps, scores)
+
+    def _record(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
+                test: str, stage_index: int, stage_name: str, ids: list[str],
+                targets: torch.Tensor, explained: torch.Tensor,
+                maps: dict[str, torch.Tensor], scores: dict[str, dict[str, Scores]]) -> None:
         setup = self.setup
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, candidate in maps.items():
-            scores = score_maps(reference[method], candidate, setup.config.metrics, setup.post)
-            for metric, score in scores.items():
+            for metric, score in scores[method].items():
                 values = score.values.tolist()
                 for i, image in enumerate(ids):
                     result.rows.append(ScoreRow(

@@ -179,6 +179,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "target_on_randomized": setup.config.tests.target_on_randomized,
         "postprocess": setup.config.postprocess.model_dump(mode="json"),
         "precision": setup.context.precision,
+        "chunk_size": setup.context.chunk_size,
         "precision_fidelity_spearman_abs": fidelity,
         "images": [r.id for r in setup.images],
         "skipped_images": [{"path": path, "reason": reason} for path, reason in skipped],

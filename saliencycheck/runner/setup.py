@@ -36,6 +36,7 @@ from saliencycheck.models import (
 )
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage, find_blocks, plan_stages
+from saliencycheck.runner.memory import auto_chunk_size
 
 TESTS = ("cascading", "independent")
 
@@ -214,8 +215,11 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
             blocks = find_blocks(model, example, granularity=section.granularity)
             stages[name] = plan_stages(blocks, model=model, test=name, order=section.order)
 
+    chunk_size = config.runtime.chunk_size
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(model, example)
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
-                                 chunk_size=config.runtime.chunk_size,
+                                 chunk_size=chunk_size,
                                  precision=config.runtime.precision)
     return RunSetup(
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
