@@ -44,6 +44,8 @@ if str(REPO) not in sys.path:  # `benchmarks.models:...` factories and this pack
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.memory import measure as measure_memory  # noqa: E402
+from benchmarks.memory import table as memory_table  # noqa: E402
 from benchmarks.naive import naive_maps  # noqa: E402
 from benchmarks.workloads import Workload, prepare_images, workload_a, workload_b  # noqa: E402
 from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
@@ -462,7 +464,7 @@ def target_lines(results: list[CaseResult]) -> list[str]:
 
 
 def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[str],
-                 total_s: float) -> None:
+                 total_s: float, memory: list[dict] | None = None) -> None:
     v = env["versions"]
     lines = [
         "# Benchmark results", "",
@@ -531,6 +533,12 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
         if r.quantus_method_times and any(r.quantus_method_times.values()):
             lines.append("  Per method (min over runs): " + ", ".join(
                 f"{k} {min(v):.2f} s" for k, v in r.quantus_method_times.items() if v) + ".")
+    if memory:
+        lines += ["", "## Memory", "",
+                  "`benchmarks/memory.py`: saliencycheck alone in a fresh process per image "
+                  "count (digits ResNet-18, 64×64, gradient + guided backprop, cascading by "
+                  "block, work units of 8 images); peak RSS from `getrusage`.", "",
+                  memory_table(memory)]
     for r in results:
         if r.agreement:
             lines += agreement_lines(r)
@@ -602,9 +610,12 @@ NOTES = """
 - Both metrics are computed inside each Quantus MPRT call by one `similarity_func` that returns
   Quantus's `correlation_spearman` and records Quantus's `ssim` (on flattened 1-D maps, as
   Quantus does); a user with two MPRT calls would pay every explanation twice.
-- "minimal" does not include saliencycheck's one inference forward per stage (the logit change
-  written to stages.csv), its metrics or its CSV writing; "naive" and "minimal" include the
-  forward that picks the targets and the randomization of each stage.
+- "minimal" does not include saliencycheck's prefix-cached no-grad forward per stage (the logit
+  change written to stages.csv), its metrics or its CSV writing; "naive" and "minimal" include
+  the forward that picks the targets and the randomization of each stage.
+- "naive" runs the stage models with their parameters requiring grad, as a user's model
+  comes; saliencycheck's working copy turns that off (5–10 % faster passes), one of its
+  savings.
 """
 
 
@@ -629,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="results file (default benchmarks/results.md; none with --quick)")
     parser.add_argument("--no-agreement", action="store_true", help="skip the agreement check")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory runs (benchmarks/memory.py)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -658,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
                                         log=log))
             except Exception:  # noqa: BLE001 - report and go on with the other cases
                 log(f"[{workload.key}/{granularity}] failed:\n{traceback.format_exc()}")
+    memory = None
+    if not (args.quick or args.no_memory):
+        memory = measure_memory([8, 64], str(device))
+        log("\n" + memory_table(memory))
     total = time.perf_counter() - started
     env["load_end"] = os.getloadavg()
 
@@ -669,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in agreement_lines(r):
                 log(line)
     if output is not None:
-        write_report(output, results, env, argv, total)
+        write_report(output, results, env, argv, total, memory)
         log(f"\nwrote {output}")
     return 0 if len(results) == sum(len(w.granularities) for w in workloads) else 1
 
