@@ -48,7 +48,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @app.command()
 def run(config: ConfigArg, overrides: SetOption = None,
         output: Annotated[Path | None, typer.Option("--output", "-o",
-                          help="Output folder (overrides output.dir).")] = None) -> None:
+                          help="Output folder (overrides output.dir).")] = None,
+        retrain: Annotated[bool, typer.Option(
+            "--retrain", help="Train the label randomization models again instead of reusing "
+            "the cached ones.")] = False) -> None:
     """Run the configured sanity checks and write reports and figures."""
     from saliencycheck.runner import prepare, run_check
 
@@ -72,7 +75,7 @@ def run(config: ConfigArg, overrides: SetOption = None,
                 def advance(steps: int, total: int, text: str) -> None:
                     bar.update(task, advance=steps, total=total, description=text)
 
-                result = run_check(setup, progress=advance)
+                result = run_check(setup, progress=advance, retrain=retrain)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except KeyboardInterrupt:
@@ -100,8 +103,13 @@ def _fmt(value: float) -> str:
 
 
 def _print_summary(result) -> None:  # noqa: ANN001
+    from saliencycheck.runner.setup import LABEL_TEST
+
     metrics = result.metrics
     for test, final in result.final_stage.items():
+        if test == LABEL_TEST:
+            _print_label_summary(result)
+            continue
         table = Table(title=f"{test}: similarity to the trained model's maps at the final stage "
                             f"({final}), mean over images", title_justify="left")
         table.add_column("method")
@@ -119,6 +127,36 @@ def _print_summary(result) -> None:  # noqa: ANN001
     console.print(f"outputs in {result.output_dir.resolve()} (report.csv, summary.csv, stages.csv, "
                   f"figures/, run.json); compute {result.timings.get('compute_s', 0):.1f} s",
                   highlight=False)
+
+
+def _print_label_summary(result) -> None:  # noqa: ANN001
+    """Similarity of the random-label model's maps to the trained model's, next to the
+    control's (what retraining with true labels alone does), and whether the test is valid."""
+    from saliencycheck.label_training import CONTROL, RANDOM_LABELS
+    from saliencycheck.runner.setup import LABEL_TEST
+
+    info = result.label_randomization
+    rows = {(s.method, s.stage, s.metric): s for s in result.summary if s.test == LABEL_TEST}
+    has_control = any(stage == CONTROL for _, stage, _ in rows)
+    table = Table(title="label_randomization: similarity to the trained model's maps, random-label "
+                        "model" + (" (true-label control)" if has_control else "")
+                        + ", mean over images", title_justify="left")
+    table.add_column("method")
+    for metric in result.metrics:
+        table.add_column(metric, justify="right")
+    for method in result.methods:
+        cells = []
+        for metric in result.metrics:
+            random = rows.get((method, RANDOM_LABELS, metric))
+            control = rows.get((method, CONTROL, metric))
+            cell = _fmt(random.mean) if random else "-"
+            cells.append(cell + (f" ({_fmt(control.mean)})" if control else ""))
+        table.add_row(method, *cells)
+    console.print(table)
+    if info is not None:
+        status = ("[green]valid[/]" if info["valid"]
+                  else "[bold yellow]INVALID[/] (not passed, not failed)")
+        console.print(f"label randomization: {status}: {info['reason']}", highlight=False)
 
 
 @app.command()

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from saliencycheck.errors import ConfigError
 
@@ -124,12 +131,68 @@ class IndependentConfig(Section):
     order: Literal["top_down", "bottom_up"] = Field("top_down", description="Order of stages.")
 
 
+class TrainRecipe(Section):
+    """How saliencycheck trains the random-label model (and the true-label control)."""
+
+    data: str = Field(
+        "digits",
+        description="'digits' (scikit-learn's handwritten digits, the training part [0, 1600)) "
+        "or a folder in torchvision ImageFolder layout (one sub-folder per class), relative to "
+        "the config file.",
+    )
+    limit: int | None = Field(
+        None, ge=10, description="Train on the first N examples only (a quick, smaller test)."
+    )
+    epochs: int = Field(100, ge=1, description="Most epochs; training stops early once "
+                        "min_train_accuracy is reached.")
+    lr: float = Field(1.0e-4, gt=0, description="Learning rate (paper: Adam, 1e-4).")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum 0.9.")
+    batch_size: int = Field(50, ge=1, description="Examples per step (paper: 50).")
+    min_train_accuracy: float = Field(
+        0.95, gt=0, le=1,
+        description="Training accuracy the random-label model must reach (memorisation); "
+        "below it the test is reported invalid.",
+    )
+    control: bool = Field(
+        True, description="Also train a true-label control with the same recipe, data and init."
+    )
+    seed: int = Field(0, description="Seeds the initialisation, the label permutation and the "
+                      "batch order.")
+
+
+class LabelRandomizationConfig(Section):
+    checkpoint: str | None = Field(
+        None, description="A ready model of the same architecture trained on permuted labels "
+        "(state_dict, loaded with weights_only=True)."
+    )
+    control_checkpoint: str | None = Field(
+        None, description="With checkpoint: an optional true-label control trained the same way."
+    )
+    train: TrainRecipe | None = Field(
+        None, description="Or a recipe: saliencycheck trains (and caches) the models itself."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LabelRandomizationConfig:
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError("give either checkpoint: (a model trained on permuted labels) or "
+                             "train: (a recipe), not both or neither")
+        if self.control_checkpoint and self.train is not None:
+            raise ValueError("control_checkpoint goes with checkpoint:; with train: set "
+                             "train.control: true")
+        return self
+
+
 class TestsConfig(Section):
     cascading: CascadingConfig = Field(
         default_factory=CascadingConfig, description="Cascading test."
     )
     independent: IndependentConfig = Field(
         default_factory=IndependentConfig, description="Independent test."
+    )
+    label_randomization: LabelRandomizationConfig | None = Field(
+        None, description="Label (data) randomization test: compare with a model trained on "
+        "permuted labels (off unless given)."
     )
     init: Literal["reset", "normal", "shuffle"] = Field(
         "reset",

@@ -93,13 +93,13 @@ def extract_state_dict(checkpoint: Any, *, path: Path) -> dict[str, torch.Tensor
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_checkpoint(module: nn.Module, path: Path) -> None:
+def load_checkpoint(module: nn.Module, path: Path, *, field: str = "model.weights") -> None:
     """Load a local checkpoint into `module` safely (`weights_only=True`) and strictly."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / unsafe files
         raise ModelError(
-            f"model.weights: cannot load checkpoint {path} with weights_only=True "
+            f"{field}: cannot load checkpoint {path} with weights_only=True "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         ) from None
     state = extract_state_dict(checkpoint, path=path)
@@ -108,7 +108,7 @@ def load_checkpoint(module: nn.Module, path: Path) -> None:
     except RuntimeError as exc:  # shape mismatches are raised even with strict=False
         mismatch = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
                         str(exc).splitlines()[0])
-        raise ModelError(f"model.weights: {path} does not match the model: {mismatch[:200]}; "
+        raise ModelError(f"{field}: {path} does not match the model: {mismatch[:200]}; "
                          "check model.name and model.num_classes") from None
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -119,7 +119,7 @@ def load_checkpoint(module: nn.Module, path: Path) -> None:
                 f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})"
             )
         raise ModelError(
-            f"model.weights: {path} does not match the model: {'; '.join(parts)}; "
+            f"{field}: {path} does not match the model: {'; '.join(parts)}; "
             "check model.name and model.num_classes"
         )
 

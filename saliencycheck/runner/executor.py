@@ -13,16 +13,16 @@ import torch
 from torch import nn
 
 from saliencycheck.data import load_images
-from saliencycheck.methods.passes import RowSource, StageRequests, run_staged
+from saliencycheck.label_training import LabelModels
+from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, logit_change
 from saliencycheck.runner.plan import WorkUnit
-from saliencycheck.runner.setup import RunSetup
+from saliencycheck.runner.setup import LABEL_TEST, TRAINED, RunSetup
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
 
-TRAINED = "trained"
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 
 
@@ -63,8 +63,11 @@ class UnitExecutor:
     layers a stage leaves trained are not recomputed; each group's maps are scored at once.
     """
 
-    def __init__(self, setup: RunSetup) -> None:
+    def __init__(self, setup: RunSetup, label_models: LabelModels | None = None) -> None:
         self.setup = setup
+        self.label_models = label_models
+        self._label_note = ("" if label_models is None or label_models.valid
+                            else f"invalid test: {label_models.reason}")
         self.randomized = RandomizedModels(setup.model)
         tests = setup.config.tests
         self._options = dict(init=tests.init, std=tests.init_std,
@@ -117,8 +120,15 @@ class UnitExecutor:
                                         lambda done, g=group, share=share: progress(
                                             done * share, f"{unit.id}: images {g.start + 1}–"
                                             f"{g.stop} of {len(ids)}"))
+                scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
+                           for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
-                                  [e[group] for e in explained], maps)
+                                  [e[group] for e in explained], maps, scorers)
+                if self.label_models is not None:
+                    self._score_label_models(result, raw_maps, ids[group], inputs[group],
+                                             targets[group], scorers)
+                    progress(len(self.label_models.models) * (group.stop - group.start)
+                             / len(ids), f"{unit.id}: label randomization")
         finally:
             self._enter(None)
         if setup.config.output.save_maps:
@@ -189,12 +199,11 @@ class UnitExecutor:
 
     def _score_group(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
                      ids: list[str], targets: torch.Tensor, explained: list[torch.Tensor],
-                     maps: list[dict[str, torch.Tensor]]) -> None:
+                     maps: list[dict[str, torch.Tensor]],
+                     scorers: dict[str, ReferenceScorer]) -> None:
         setup = self.setup
-        scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
-                   for label, trained in maps[0].items()}
         identical = {label: scorer.score(maps[0][label]) for label, scorer in scorers.items()}
-        for test in setup.stages:
+        for test in setup.stage_names:
             self._record(result, raw_maps, test, 0, TRAINED, ids, targets, targets, maps[0],
                          identical)
         for ref, stage_explained, stage_maps in zip(self.stages, explained, maps[1:]):
@@ -203,11 +212,29 @@ class UnitExecutor:
             self._record(result, raw_maps, ref.test, ref.stage.index, ref.stage.name, ids,
                          targets, stage_explained, stage_maps, scores)
 
+    def _score_label_models(self, result: UnitResult,
+                            raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],
+                            inputs: torch.Tensor, targets: torch.Tensor,
+                            scorers: dict[str, ReferenceScorer]) -> None:
+        """Maps of the random-label model (and the control) scored against the trained maps."""
+        setup, labels = self.setup, self.label_models
+        for index, role in enumerate(setup.label_stages, start=1):
+            model = labels.models[role]
+            explained = targets
+            if setup.config.tests.target_on_randomized == "recompute":
+                with torch.no_grad():
+                    explained = model(inputs).argmax(dim=1)
+            maps = compute_maps(setup.methods, model, inputs, explained, setup.context)
+            scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
+            self._record(result, raw_maps, LABEL_TEST, index, role, ids, targets, explained,
+                         maps, scores)
+
     def _record(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
                 test: str, stage_index: int, stage_name: str, ids: list[str],
                 targets: torch.Tensor, explained: torch.Tensor,
                 maps: dict[str, torch.Tensor], scores: dict[str, dict[str, Scores]]) -> None:
         setup = self.setup
+        note = self._label_note if test == LABEL_TEST else ""
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, candidate in maps.items():
             for metric, score in scores[method].items():
@@ -216,7 +243,8 @@ class UnitExecutor:
                     result.rows.append(ScoreRow(
                         image=image, target=target_list[i], target_explained=explained_list[i],
                         method=method, test=test, stage_index=stage_index, stage=stage_name,
-                        metric=metric, value=float(values[i]), note=score.reasons[i]))
+                        metric=metric, value=float(values[i]),
+                        note="; ".join(n for n in (score.reasons[i], note) if n)))
             wanted = [i for i, image in enumerate(ids) if image in setup.figure_ids]
             if wanted:
                 shown = absolute(candidate[wanted], reduction=setup.post.abs_reduction,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from saliencycheck.data import load_images
+from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.report.figures import similarity_curves, stage_grid
@@ -28,12 +29,14 @@ from saliencycheck.report.tables import (
     write_stages,
     write_summary,
 )
-from saliencycheck.runner.executor import TRAINED, UnitExecutor, figure_key, safe_name
+from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
 from saliencycheck.runner.plan import plan_units
-from saliencycheck.runner.setup import RunSetup
+from saliencycheck.runner.setup import LABEL_TEST, RunSetup, first_readable
 from saliencycheck.runner.store import ResultStore
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
+TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
+          LABEL_TEST: "label randomization (random-label model, true-label control)"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class RunResult:
     units_done: int
     units_total: int
     timings: dict[str, float] = field(default_factory=dict)
+    label_randomization: dict | None = None  # validity and the models' accuracies
 
     @property
     def interrupted(self) -> bool:
@@ -68,10 +72,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunResult:
+def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None,
+              retrain: bool = False) -> RunResult:
     """Execute every work unit, storing each at once, then write reports and figures.
 
-    On KeyboardInterrupt the outputs are written from the units already stored, then the
+    With the label randomization test, its models are trained first (or loaded: from the
+    checkpoints, or from the cache in the output folder unless ``retrain``). On
+    KeyboardInterrupt the outputs are written from the units already stored, then the
     interrupt propagates, so nothing computed is lost.
     """
     started = time.perf_counter()
@@ -83,17 +90,34 @@ def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None) -> RunRe
     fidelity = precision_fidelity(setup)
     total = setup.steps_per_unit * len(units)
     progress(0, total, "starting")
-    executor = UnitExecutor(setup)
+    label_models = obtain_models(setup, retrain=retrain,
+                                 progress=lambda text: progress(0, total, text))
+    label_info = label_models.as_json() if label_models else None
+    executor = UnitExecutor(setup, label_models)
     try:
         for unit in units:
             store.save(executor.run(unit, lambda n, text: progress(n, total, text)))
     except KeyboardInterrupt:
         write_outputs(setup, store, units_total=len(units),
-                      timings={"compute_s": time.perf_counter() - started})
+                      timings={"compute_s": time.perf_counter() - started},
+                      label_randomization=label_info)
         raise
     compute_s = time.perf_counter() - started
     return write_outputs(setup, store, units_total=len(units), timings={"compute_s": compute_s},
-                         fidelity=fidelity)
+                         fidelity=fidelity, label_randomization=label_info)
+
+
+def obtain_models(setup: RunSetup, *, retrain: bool,
+                  progress: Callable[[str], None]) -> LabelModels | None:
+    """The label randomization test's models (None when the test is not configured)."""
+    section = setup.config.tests.label_randomization
+    if section is None:
+        return None
+    example = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
+    return obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
+                               resolve=setup.resolve,
+                               cache=(setup.output_dir / LABEL_TEST).resolve(),
+                               retrain=retrain, progress=progress)
 
 
 def precision_fidelity(setup: RunSetup) -> dict[str, float]:
@@ -115,8 +139,8 @@ def precision_fidelity(setup: RunSetup) -> dict[str, float]:
 
 
 def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
-                  timings: dict[str, float], fidelity: dict[str, float] | None = None
-                  ) -> RunResult:
+                  timings: dict[str, float], fidelity: dict[str, float] | None = None,
+                  label_randomization: dict | None = None) -> RunResult:
     """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
     started = time.perf_counter()
     out = setup.output_dir
@@ -128,15 +152,19 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     write_stages(out / "stages.csv", setup.stages, stored.stages)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
-    final_stage = {test: len(stages) for test, stages in setup.stages.items()}
+    final_stage = {test: len(names) - 1 for test, names in setup.stage_names.items()}
+    if LABEL_TEST in final_stage:
+        final_stage[LABEL_TEST] = 1  # the random-label model (the control is its reference)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
-                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity or {})
+                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity or {},
+                   label_randomization=label_randomization)
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
                      precision=setup.context.precision, fidelity=fidelity or {},
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
-                     units_done=len(stored.unit_ids), units_total=units_total, timings=timings)
+                     units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
+                     label_randomization=label_randomization)
 
 
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
@@ -145,21 +173,21 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
                                           setup.preprocessing)[0]}
-    for test, stages in setup.stages.items():
-        names = [TRAINED] + [s.name for s in stages]
+    for test, names in setup.stage_names.items():
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
             grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
                     if figure_key(image, test, m.label) in maps}
             stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
-                       names, title=f"{image} - {test} randomization ({setup.config.model.name})")
+                       names,
+                       title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
         similarity_curves(figures / f"curves_{test}.png", summary, test,
                           list(setup.config.metrics))
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
                    units_total: int, skipped: list[tuple[str, str]],
-                   fidelity: dict[str, float]) -> None:
+                   fidelity: dict[str, float], label_randomization: dict | None = None) -> None:
     """The resolved config, versions, device, timings, skipped images, and what was run."""
     info = {
         "config_file": str(setup.source),
@@ -185,6 +213,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "skipped_images": [{"path": path, "reason": reason} for path, reason in skipped],
         "stages": {test: len(stages) for test, stages in setup.stages.items()},
         "stage_table": "stages.csv",
+        "label_randomization": label_randomization,
         "units_done": units_done,
         "units_total": units_total,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

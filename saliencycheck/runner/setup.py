@@ -24,6 +24,7 @@ from saliencycheck.data import (
     read_labels,
 )
 from saliencycheck.errors import ConfigError, DataError, SaliencyCheckError
+from saliencycheck.label_training import CONTROL, RANDOM_LABELS
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
 from saliencycheck.methods.layers import default_layer
 from saliencycheck.models import (
@@ -39,6 +40,8 @@ from saliencycheck.randomization import Stage, find_blocks, plan_stages
 from saliencycheck.runner.memory import auto_chunk_size
 
 TESTS = ("cascading", "independent")
+LABEL_TEST = "label_randomization"
+TRAINED = "trained"
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,32 @@ class RunSetup:
     context: AttributionContext
     post: PostprocessOptions
 
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return LoadedConfig(config=self.config, source=self.source).resolve(path)
+
+    @property
+    def label_stages(self) -> list[str]:
+        """The models the label randomization test compares with: random labels, control."""
+        section = self.config.tests.label_randomization
+        if section is None:
+            return []
+        control = section.train.control if section.train else bool(section.control_checkpoint)
+        return [RANDOM_LABELS, CONTROL] if control else [RANDOM_LABELS]
+
+    @property
+    def stage_names(self) -> dict[str, list[str]]:
+        """Per test, its stage names in order, the trained model first."""
+        names = {test: [TRAINED] + [s.name for s in stages] for test, stages in self.stages.items()}
+        if self.label_stages:
+            names[LABEL_TEST] = [TRAINED, *self.label_stages]
+        return names
+
     @property
     def steps_per_unit(self) -> int:
-        """Progress steps of one work unit: the trained model, then every stage of every test."""
-        return 1 + sum(len(s) for s in self.stages.values())
+        """Progress steps of one work unit: the trained model, every stage of every test, and
+        each model of the label randomization test."""
+        return 1 + sum(len(s) for s in self.stages.values()) + len(self.label_stages)
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
@@ -163,6 +188,23 @@ def unreadable_images(setup: RunSetup) -> list[SkippedImage]:
     return skipped
 
 
+def check_label_sources(loaded: LoadedConfig) -> None:
+    """The label randomization test's checkpoints or data folder exist (read at run time)."""
+    section = loaded.config.tests.label_randomization
+    if section is None:
+        return
+    where = "tests.label_randomization"
+    for field in ("checkpoint", "control_checkpoint"):
+        raw = getattr(section, field)
+        if raw is not None and not loaded.resolve(raw).is_file():
+            raise ConfigError(f"{where}.{field}: checkpoint file not found: "
+                              f"{loaded.resolve(raw)}")
+    if section.train is not None and section.train.data != "digits" \
+            and not loaded.resolve(section.train.data).is_dir():
+        raise ConfigError(f"{where}.train.data: {loaded.resolve(section.train.data)} is not a "
+                          "folder; give 'digits' or a folder with one sub-folder per class")
+
+
 def _prepare(loaded: LoadedConfig) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
@@ -218,6 +260,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     chunk_size = config.runtime.chunk_size
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(model, example)
+    check_label_sources(loaded)
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
                                  chunk_size=chunk_size,
                                  precision=config.runtime.precision)
