@@ -7,7 +7,7 @@ accepts.
 from __future__ import annotations
 
 import textwrap
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel
@@ -40,12 +40,31 @@ def _scalar(value: Any) -> str:
     return text.strip().removesuffix("...").strip()
 
 
-def _section(model: BaseModel, indent: str) -> list[str]:
+def _optional_section(annotation: object) -> type[BaseModel] | None:
+    """The section class behind an ``X | None`` field (off unless given), else None."""
+    return next((a for a in get_args(annotation)
+                 if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _section(model: BaseModel, indent: str, *, expand: bool = False) -> list[str]:
+    """Each field with its description; ``expand`` also writes optional sections' defaults."""
     lines: list[str] = []
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         lines += _comment(info.description or "", indent)
-        if isinstance(value, BaseModel):
+        optional = _optional_section(info.annotation)
+        if value is None and optional is not None:
+            if expand:
+                lines.append(f"{indent}{name}:")
+                lines += _section(optional.model_construct(), indent + "  ", expand=True)
+                continue
+            # Off unless given: its keys commented out, ready to uncomment.
+            lines.append(f"{indent}# {name}:")
+            lines += [f"{indent}# {line[len(indent):]}"
+                      for line in _section(optional.model_construct(), indent + "  ",
+                                           expand=True)
+                      if not line.lstrip().startswith("#")]
+        elif isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:")
             lines += _section(value, indent + "  ")
         else:

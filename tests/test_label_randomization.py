@@ -223,3 +223,21 @@ def test_a_ready_checkpoint_is_used_and_a_wrong_one_named(folder_project) -> Non
         assert bad.exit_code == 2
         assert "tests.label_randomization.checkpoint" in bad.output and message in bad.output
         assert "Traceback" not in bad.output
+
+
+def test_the_starter_config_offers_the_test_commented_out_and_valid_when_uncommented() -> None:
+    from saliencycheck.starter import starter_config
+
+    text = starter_config()
+    assert parse_config(yaml.safe_load(text)).tests.label_randomization is None
+    lines = text.splitlines()
+    start = lines.index("  # label_randomization:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  # ") or (block and not line.startswith("  #  ")):
+            break
+        block.append(line)
+    uncommented = text.replace("\n".join(block),
+                               "\n".join("  " + line[4:] for line in block))
+    recipe = parse_config(yaml.safe_load(uncommented)).tests.label_randomization.train
+    assert recipe == TrainRecipe()
