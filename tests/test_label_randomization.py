@@ -183,7 +183,7 @@ def test_cli_runs_the_test_on_an_image_folder_and_writes_its_outputs(folder_proj
     summary = [r for r in _rows(out / "summary.csv") if r["test"] == "label_randomization"]
     assert {r["stage"] for r in summary} == {"trained", RANDOM_LABELS, CONTROL}
     assert (out / "figures" / "img0" / "label_randomization.png").is_file()
-    assert (out / "figures" / "curves_label_randomization.png").is_file()
+    assert (out / "figures" / "bars_label_randomization.png").is_file()
     info = json.loads((out / "run.json").read_text())["label_randomization"]
     assert info["valid"] and [m["role"] for m in info["models"]] == [RANDOM_LABELS, CONTROL]
     assert info["recipe"]["seed"] == 0

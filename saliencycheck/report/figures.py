@@ -99,3 +99,43 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
+                    title: str) -> None:
+    """Each metric, one group of bars per method: one bar per compared model (the stages of
+    ``test`` after the trained one), mean with its 95 % CI as an error bar. For tests whose
+    stages are alternatives, not a sequence (label randomization: random labels, control)."""
+    rows = [s for s in summary if s.test == test and s.stage_index > 0]
+    stages = sorted({(s.stage_index, s.stage) for s in rows})
+    methods = list(dict.fromkeys(s.method for s in rows))
+    cols = min(3, len(metrics))
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    flat = axes.ravel()
+    for ax in flat[len(metrics):]:
+        ax.axis("off")
+    width = 0.8 / max(1, len(stages))
+    for ax, metric in zip(flat, metrics):
+        found = {(s.method, s.stage_index): s for s in rows if s.metric == metric}
+        for k, (index, name) in enumerate(stages):
+            cells = [found.get((m, index)) for m in methods]
+            means = [c.mean if c else np.nan for c in cells]
+            low = [c.mean - c.ci_low if c and np.isfinite(c.ci_low) else 0.0 for c in cells]
+            high = [c.ci_high - c.mean if c and np.isfinite(c.ci_high) else 0.0 for c in cells]
+            ax.bar(np.arange(len(methods)) + (k - (len(stages) - 1) / 2) * width, means, width,
+                   yerr=[low, high], capsize=2, label=name)
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(np.arange(len(methods)))
+        ax.set_xticklabels(methods, rotation=70, fontsize=6)
+        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+    for row in axes:
+        row[0].set_ylabel("similarity to trained map", fontsize=8)
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right")
+    fig.suptitle(f"{title} (mean and 95 % CI over images)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -21,7 +21,7 @@ from saliencycheck.data import load_images
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
-from saliencycheck.report.figures import similarity_curves, stage_grid
+from saliencycheck.report.figures import comparison_bars, similarity_curves, stage_grid
 from saliencycheck.report.tables import (
     SummaryRow,
     summarize,
@@ -181,8 +181,12 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
             stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
                        names,
                        title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
-        similarity_curves(figures / f"curves_{test}.png", summary, test,
-                          list(setup.config.metrics))
+        if test == LABEL_TEST:  # alternatives to compare, not a sequence of stages
+            comparison_bars(figures / f"bars_{test}.png", summary, test,
+                            list(setup.config.metrics), title=TITLES[test])
+        else:
+            similarity_curves(figures / f"curves_{test}.png", summary, test,
+                              list(setup.config.metrics))
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
