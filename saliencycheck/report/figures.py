@@ -62,16 +62,28 @@ def stage_grid(
     plt.close(fig)
 
 
-def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str]) -> None:
-    """Each metric against the stage, one line per method: mean with its 95 % CI band."""
-    rows = [s for s in summary if s.test == test]
-    stages = sorted({(s.stage_index, s.stage) for s in rows})
+def _metric_grid(metrics: list[str]):
+    """One panel per metric, three to a row; unused panels hidden."""
     cols = min(3, len(metrics))
     nrows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
     flat = axes.ravel()
     for ax in flat[len(metrics):]:
         ax.axis("off")
+    return fig, axes, flat
+
+
+def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_title(metric, fontsize=9)
+    ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+
+
+def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str]) -> None:
+    """Each metric against the stage, one line per method: mean with its 95 % CI band."""
+    rows = [s for s in summary if s.test == test]
+    stages = sorted({(s.stage_index, s.stage) for s in rows})
+    fig, axes, flat = _metric_grid(metrics)
     for ax, metric in zip(flat, metrics):
         by_method: dict[str, list[SummaryRow]] = defaultdict(list)
         for s in rows:
@@ -84,16 +96,15 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
             low = [s.ci_low if np.isfinite(s.ci_low) else s.mean for s in series]
             high = [s.ci_high if np.isfinite(s.ci_high) else s.mean for s in series]
             ax.fill_between(x, low, high, alpha=0.2)
-        ax.axhline(0.0, color="grey", linewidth=0.6)
-        ax.set_title(metric, fontsize=9)
+        _axis_style(ax, metric)
         ax.set_xticks([i for i, _ in stages])
         ax.set_xticklabels([name for _, name in stages], rotation=70, fontsize=6)
-        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
     for row in axes:
         row[0].set_ylabel("similarity to trained map", fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower right" if len(metrics) % cols else
-               "upper right", ncols=1 if len(metrics) % cols else len(labels))
+    spare = len(metrics) % axes.shape[1]  # an empty panel takes the legend
+    fig.legend(handles, labels, fontsize=7, loc="lower right" if spare else "upper right",
+               ncols=1 if spare else len(labels))
     fig.suptitle(f"{test} randomization (mean and 95 % CI over images)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +120,7 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
     rows = [s for s in summary if s.test == test and s.stage_index > 0]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
     methods = list(dict.fromkeys(s.method for s in rows))
-    cols = min(3, len(metrics))
-    nrows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    flat = axes.ravel()
-    for ax in flat[len(metrics):]:
-        ax.axis("off")
+    fig, axes, flat = _metric_grid(metrics)
     width = 0.8 / max(1, len(stages))
     for ax, metric in zip(flat, metrics):
         found = {(s.method, s.stage_index): s for s in rows if s.metric == metric}
@@ -125,11 +131,9 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
             high = [c.ci_high - c.mean if c and np.isfinite(c.ci_high) else 0.0 for c in cells]
             ax.bar(np.arange(len(methods)) + (k - (len(stages) - 1) / 2) * width, means, width,
                    yerr=[low, high], capsize=2, label=name)
-        ax.axhline(0.0, color="grey", linewidth=0.6)
-        ax.set_title(metric, fontsize=9)
+        _axis_style(ax, metric)
         ax.set_xticks(np.arange(len(methods)))
         ax.set_xticklabels(methods, rotation=70, fontsize=6)
-        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
     for row in axes:
         row[0].set_ylabel("similarity to trained map", fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
