@@ -51,8 +51,15 @@ def run(config: ConfigArg, overrides: SetOption = None,
                           help="Output folder (overrides output.dir).")] = None,
         retrain: Annotated[bool, typer.Option(
             "--retrain", help="Train the label randomization models again instead of reusing "
-            "the cached ones.")] = False) -> None:
-    """Run the configured sanity checks and write reports and figures."""
+            "the cached ones.")] = False,
+        junit: Annotated[Path | None, typer.Option(
+            "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")] = None,
+        as_json: Annotated[bool, typer.Option(
+            "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")] = False,
+        ) -> None:
+    """Run the configured sanity checks and write reports and figures.
+
+    Exit code 1 when a method named in fail_on fails a test with a threshold."""
     from saliencycheck.runner import prepare, run_check
 
     if output is not None:
@@ -89,7 +96,21 @@ def run(config: ConfigArg, overrides: SetOption = None,
     for path, reason in result.skipped:
         err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
                           highlight=False)
-    _print_summary(result)
+    shown = err_console if as_json else console
+    _print_summary(result, shown)
+    if result.verdicts:
+        _print_verdicts(result, shown)
+    if junit is not None:
+        from saliencycheck.verdicts import junit_xml
+
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result.verdicts, result.failures), encoding="utf-8")
+    if as_json:
+        from saliencycheck.verdicts import verdicts_json
+
+        typer.echo(verdicts_json(result.verdicts, result.failures))
+    if result.failures:
+        raise typer.Exit(code=1)
 
 
 def _progress() -> Progress:
@@ -102,13 +123,13 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
-def _print_summary(result) -> None:  # noqa: ANN001
+def _print_summary(result, console: Console) -> None:  # noqa: ANN001
     from saliencycheck.runner.setup import LABEL_TEST
 
     metrics = result.metrics
     for test, final in result.final_stage.items():
         if test == LABEL_TEST:
-            _print_label_summary(result)
+            _print_label_summary(result, console)
             continue
         table = Table(title=f"{test}: similarity to the trained model's maps at the final stage "
                             f"({final}), mean over images", title_justify="left")
@@ -129,7 +150,7 @@ def _print_summary(result) -> None:  # noqa: ANN001
                   highlight=False)
 
 
-def _print_label_summary(result) -> None:  # noqa: ANN001
+def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001
     """Similarity of the random-label model's maps to the trained model's, next to the
     control's (what retraining with true labels alone does), and whether the test is valid."""
     from saliencycheck.label_training import CONTROL, RANDOM_LABELS
@@ -157,6 +178,23 @@ def _print_label_summary(result) -> None:  # noqa: ANN001
         status = ("[green]valid[/]" if info["valid"]
                   else "[bold yellow]INVALID[/] (not passed, not failed)")
         console.print(f"label randomization: {status}: {info['reason']}", highlight=False)
+
+
+def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001
+    """The verdict table and the gate's outcome."""
+    colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}
+    table = Table(title="verdicts (verdicts.csv)", title_justify="left")
+    for column in ("method", "test", "verdict", "evidence"):
+        table.add_column(column)
+    for v in result.verdicts:
+        table.add_row(v.method, v.test, f"[{colour[v.verdict]}]{v.verdict}[/]", v.reason)
+    console.print(table)
+    if result.failures:
+        failed = ", ".join(f"{v.method} ({v.test})" for v in result.failures)
+        console.print(f"[bold red]check failed[/] (fail_on): {failed}", highlight=False)
+    else:
+        console.print("[green]check passed[/]: no method named in fail_on failed",
+                      highlight=False)
 
 
 @app.command()

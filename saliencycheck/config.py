@@ -260,6 +260,31 @@ class RuntimeConfig(Section):
     )
 
 
+TEST_NAMES = ("cascading", "independent", "label_randomization")
+
+
+class Threshold(Section):
+    """When a method passes a test: its similarity at one stage must stay low enough."""
+
+    metric: Literal["spearman_abs", "spearman", "ssim", "hog", "pearson"] = Field(
+        description="The metric judged (must be listed in metrics)."
+    )
+    stage: Literal["final"] | Annotated[int, Field(ge=1)] | str = Field(
+        "final",
+        description="'final' (the last stage; for label_randomization the random-label model), "
+        "a stage index, or a stage name (a block, e.g. layer4).",
+    )
+    max: float | None = Field(
+        None, description="Pass if the upper confidence bound of the mean similarity is ≤ max."
+    )
+
+    @model_validator(mode="after")
+    def _has_bound(self) -> Threshold:
+        if self.max is None:
+            raise ValueError("give max: the highest similarity a passing method may keep")
+        return self
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Output folder (relative to the config file).")
     figures: bool = Field(True, description="Write PNG figures.")
@@ -292,6 +317,16 @@ class Config(Section):
         default_factory=RuntimeConfig, description="Device and batching."
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="What is written where.")
+    thresholds: dict[Literal["cascading", "independent", "label_randomization"], Threshold] = Field(
+        default_factory=dict,
+        description="Per test, the verdict rule: e.g. {cascading: {metric: spearman, stage: "
+        "final, max: 0.25}}. Tests without one get no verdict.",
+    )
+    fail_on: Literal["all", "none"] | list[str] = Field(
+        "all",
+        description="Methods (labels) whose FAIL makes `run` exit with code 1: a list, 'all' "
+        "or 'none'.",
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -299,6 +334,18 @@ class Config(Section):
         if len(set(value)) != len(value):
             raise ValueError("each metric may be listed once")
         return value
+
+    @model_validator(mode="after")
+    def _thresholds_match_the_run(self) -> Config:
+        for test, threshold in self.thresholds.items():
+            section = getattr(self.tests, test)
+            if section is None or not getattr(section, "enabled", True):
+                raise ValueError(f"thresholds.{test}: the {test} test does not run; enable it "
+                                 "under tests: or remove the threshold")
+            if threshold.metric not in self.metrics:
+                raise ValueError(f"thresholds.{test}.metric: {threshold.metric!r} is not "
+                                 f"computed; add it to metrics: {list(self.metrics)}")
+        return self
 
 
 class LoadedConfig(BaseModel):
@@ -338,8 +385,11 @@ def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = format_location(tuple(first["loc"]))
+        message = first["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
+        if not first["loc"]:  # a rule across sections: its message names the fields
+            raise ConfigError(f"{source}: {message}{more}") from None
+        raise ConfigError(f"{source}: {where}: {message}{more}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:

@@ -143,3 +143,34 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+VERDICT_COLOURS = {"PASS": "#4caf50", "FAIL": "#e53935", "INVALID": "#bdbdbd"}
+
+
+def verdict_heatmap(path: Path, verdicts: list) -> None:  # list[Verdict]
+    """Methods × tests, each cell coloured by its verdict and labelled with the statistic."""
+    from matplotlib.colors import to_rgb
+
+    methods = list(dict.fromkeys(v.method for v in verdicts))
+    tests = list(dict.fromkeys(v.test for v in verdicts))
+    cells = {(v.method, v.test): v for v in verdicts}
+    image = np.ones((len(methods), len(tests), 3))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.9 * len(tests), 0.8 + 0.45 * len(methods)))
+    for i, method in enumerate(methods):
+        for j, test in enumerate(tests):
+            v = cells.get((method, test))
+            if v is None:
+                continue
+            image[i, j] = to_rgb(VERDICT_COLOURS[v.verdict])
+            stat = "n/a" if not np.isfinite(v.statistic) else f"{v.statistic:.2f}"
+            ax.text(j, i, f"{v.verdict}\n{v.metric} {stat}", ha="center", va="center",
+                    fontsize=7)
+    ax.imshow(image, aspect="auto")
+    ax.set_xticks(range(len(tests)), tests, fontsize=8)
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_title("verdicts (PASS: the maps stopped resembling the trained model's)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

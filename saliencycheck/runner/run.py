@@ -21,7 +21,12 @@ from saliencycheck.data import load_images
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
-from saliencycheck.report.figures import comparison_bars, similarity_curves, stage_grid
+from saliencycheck.report.figures import (
+    comparison_bars,
+    similarity_curves,
+    stage_grid,
+    verdict_heatmap,
+)
 from saliencycheck.report.tables import (
     SummaryRow,
     summarize,
@@ -33,6 +38,7 @@ from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
 from saliencycheck.runner.plan import plan_units
 from saliencycheck.runner.setup import LABEL_TEST, RunSetup, first_readable
 from saliencycheck.runner.store import ResultStore
+from saliencycheck.verdicts import Verdict, decide, gate_failures, write_verdicts
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
 TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
@@ -55,6 +61,8 @@ class RunResult:
     units_total: int
     timings: dict[str, float] = field(default_factory=dict)
     label_randomization: dict | None = None  # validity and the models' accuracies
+    verdicts: list[Verdict] = field(default_factory=list)
+    failures: list[Verdict] = field(default_factory=list)  # FAIL verdicts fail_on counts
 
     @property
     def interrupted(self) -> bool:
@@ -152,9 +160,17 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     write_stages(out / "stages.csv", setup.stages, stored.stages)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
-    final_stage = {test: len(names) - 1 for test, names in setup.stage_names.items()}
-    if LABEL_TEST in final_stage:
-        final_stage[LABEL_TEST] = 1  # the random-label model (the control is its reference)
+    final_stage = setup.final_stage
+    invalid = ({LABEL_TEST: f"invalid test: {label_randomization['reason']}"}
+               if label_randomization and not label_randomization["valid"] else {})
+    verdicts = decide(summary, setup.config.thresholds, methods=[m.label for m in setup.methods],
+                      stage_names=setup.stage_names, final_stage=final_stage,
+                      invalid_tests=invalid)
+    failures = gate_failures(verdicts, setup.config.fail_on)
+    if verdicts:
+        write_verdicts(out / "verdicts.csv", verdicts)
+        if setup.config.output.figures:
+            verdict_heatmap(out / "figures" / "verdicts.png", verdicts)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity or {},
@@ -164,7 +180,8 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
                      units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
-                     label_randomization=label_randomization)
+                     label_randomization=label_randomization, verdicts=verdicts,
+                     failures=failures)
 
 
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:

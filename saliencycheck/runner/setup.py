@@ -38,6 +38,7 @@ from saliencycheck.models import (
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage, find_blocks, plan_stages
 from saliencycheck.runner.memory import auto_chunk_size
+from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
 LABEL_TEST = "label_randomization"
@@ -83,6 +84,15 @@ class RunSetup:
         if self.label_stages:
             names[LABEL_TEST] = [TRAINED, *self.label_stages]
         return names
+
+    @property
+    def final_stage(self) -> dict[str, int]:
+        """Per test, the stage judged as 'final': the last one; for label randomization the
+        random-label model (the control is its reference, not a later stage)."""
+        final = {test: len(names) - 1 for test, names in self.stage_names.items()}
+        if LABEL_TEST in final:
+            final[LABEL_TEST] = 1
+        return final
 
     @property
     def steps_per_unit(self) -> int:
@@ -147,11 +157,19 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
     """
     try:
         setup = _prepare(loaded)
+        check_verdict_rules(setup)
         if probe_methods:
             probe(setup)
     except SaliencyCheckError as exc:
         raise type(exc)(f"{loaded.source.name}: {exc}") from None
     return setup
+
+
+def check_verdict_rules(setup: RunSetup) -> None:
+    """Thresholds name existing stages; fail_on names computed methods."""
+    check_fail_on(setup.config.fail_on, [m.label for m in setup.methods])
+    for test, threshold in setup.config.thresholds.items():
+        resolve_stage(test, threshold.stage, setup.stage_names[test], setup.final_stage[test])
 
 
 def probe(setup: RunSetup) -> None:

@@ -1,0 +1,148 @@
+"""Verdicts: PASS / FAIL / INVALID per method × test, from the summary and the thresholds.
+
+A method passes a test when its maps stop resembling the trained model's maps: the upper
+bound of the confidence interval of its mean similarity at the judged stage must not exceed
+the threshold's ``max``. A test that could not be judged (the random-label model never
+memorised its labels, or the metric is undefined for every image) is INVALID: neither passed
+nor failed. The CI gate fails when a method listed in ``fail_on`` fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from xml.etree import ElementTree
+
+from saliencycheck.config import Threshold
+from saliencycheck.errors import ConfigError
+
+if TYPE_CHECKING:  # the report package imports the runner, which imports this module
+    from saliencycheck.report.tables import SummaryRow
+
+PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
+VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
+                  "ci_high", "max", "verdict", "reason")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One method's verdict on one test, with the evidence it rests on."""
+
+    method: str
+    test: str
+    metric: str
+    stage_index: int
+    stage: str
+    statistic: float  # mean similarity over images at the stage
+    ci_low: float
+    ci_high: float
+    max: float
+    verdict: str
+    reason: str
+
+
+def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> int:
+    """The stage index a threshold names: 'final', an index, or a stage (block) name."""
+    if stage == "final":
+        return final
+    if isinstance(stage, int):
+        if stage >= len(names):
+            raise ConfigError(f"thresholds.{test}.stage: {stage} is past the last stage "
+                              f"({len(names) - 1})")
+        return stage
+    if stage not in names:
+        raise ConfigError(f"thresholds.{test}.stage: no stage named {stage!r}; stages are "
+                          f"{', '.join(names[1:])}")
+    return names.index(stage)
+
+
+def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
+           methods: list[str], stage_names: dict[str, list[str]], final_stage: dict[str, int],
+           invalid_tests: dict[str, str] | None = None) -> list[Verdict]:
+    """A verdict for every method and every test with a threshold."""
+    rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
+    verdicts = []
+    for test, threshold in thresholds.items():
+        index = resolve_stage(test, threshold.stage, stage_names[test], final_stage[test])
+        stage = stage_names[test][index]
+        for method in methods:
+            row = rows.get((method, test, index, threshold.metric))
+            mean, low, high = ((row.mean, row.ci_low, row.ci_high) if row
+                               else (math.nan, math.nan, math.nan))
+            if invalid_tests and test in invalid_tests:
+                verdict, reason = INVALID, invalid_tests[test]
+            elif row is None or math.isnan(mean):
+                verdict = INVALID
+                reason = (f"{threshold.metric} is undefined for every image at {stage} (e.g. "
+                          "constant maps); report.csv says why")
+            else:
+                bound = high if math.isfinite(high) else mean  # one image: no interval
+                what = "upper 95 % bound" if math.isfinite(high) else "mean (one image)"
+                verdict = PASS if bound <= threshold.max else FAIL
+                relation = "≤" if verdict == PASS else ">"
+                reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
+                          f"{relation} max {threshold.max}")
+            verdicts.append(Verdict(method, test, threshold.metric, index, stage, mean, low,
+                                    high, threshold.max, verdict, reason))
+    return verdicts
+
+
+def gate_failures(verdicts: list[Verdict], fail_on: str | list[str]) -> list[Verdict]:
+    """The FAIL verdicts of the methods ``fail_on`` names ('all', 'none' or labels)."""
+    if fail_on == "none":
+        return []
+    return [v for v in verdicts
+            if v.verdict == FAIL and (fail_on == "all" or v.method in fail_on)]
+
+
+def check_fail_on(fail_on: str | list[str], methods: list[str]) -> None:
+    """Raise ConfigError if ``fail_on`` names a method the run does not compute."""
+    if isinstance(fail_on, list):
+        unknown = [m for m in fail_on if m not in methods]
+        if unknown:
+            raise ConfigError(f"fail_on: {unknown[0]!r} is not one of the methods "
+                              f"({', '.join(methods)}); use their labels, 'all' or 'none'")
+
+
+def write_verdicts(path: Path, verdicts: list[Verdict]) -> None:
+    """verdicts.csv: one row per method × test with a threshold."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=VERDICT_FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(v) for v in verdicts)
+    tmp.replace(path)
+
+
+def verdicts_json(verdicts: list[Verdict], failures: list[Verdict]) -> str:
+    """The verdicts and the gate's outcome as JSON (NaN written as null)."""
+    def clean(value: object) -> object:
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    return json.dumps({
+        "passed": not failures,
+        "failed": [f"{v.method}/{v.test}" for v in failures],
+        "verdicts": [{k: clean(x) for k, x in asdict(v).items()} for v in verdicts],
+    }, indent=2)
+
+
+def junit_xml(verdicts: list[Verdict], gated: list[Verdict]) -> str:
+    """JUnit XML: one test case per method × test; a FAIL is a failure (an error only when the
+    gate counts it is not distinguished: CI dashboards show both), INVALID is skipped."""
+    suite = ElementTree.Element("testsuite", name="saliencycheck", tests=str(len(verdicts)),
+                                failures=str(sum(v.verdict == FAIL for v in verdicts)),
+                                skipped=str(sum(v.verdict == INVALID for v in verdicts)))
+    gated_keys = {(v.method, v.test) for v in gated}
+    for v in verdicts:
+        case = ElementTree.SubElement(suite, "testcase", classname=f"saliencycheck.{v.test}",
+                                      name=v.method)
+        if v.verdict == FAIL:
+            kind = "gating" if (v.method, v.test) in gated_keys else "not gating (fail_on)"
+            ElementTree.SubElement(case, "failure", message=v.reason, type=kind)
+        elif v.verdict == INVALID:
+            ElementTree.SubElement(case, "skipped", message=v.reason)
+    return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True)

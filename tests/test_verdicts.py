@@ -1,0 +1,157 @@
+"""Verdicts and the CI gate: thresholds, PASS/FAIL/INVALID, exit codes, JUnit XML, JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from saliencycheck.cli import app
+from saliencycheck.config import Threshold
+from saliencycheck.errors import ConfigError
+from saliencycheck.report.tables import SummaryRow
+from saliencycheck.verdicts import (
+    FAIL,
+    INVALID,
+    PASS,
+    decide,
+    gate_failures,
+    junit_xml,
+    resolve_stage,
+)
+
+runner = CliRunner()
+NAMES = {"cascading": ["trained", "fc", "layer4", "conv1"]}
+FINAL = {"cascading": 3}
+
+
+def row(method: str, index: int, mean: float, low: float, high: float) -> SummaryRow:
+    return SummaryRow(method, "cascading", index, NAMES["cascading"][index], "spearman", mean,
+                      0.1, low, high, 8, 0)
+
+
+SUMMARY = [row("gradient", 3, 0.05, -0.02, 0.12), row("guided_backprop", 3, 0.60, 0.50, 0.70),
+           row("gradcam", 3, math.nan, math.nan, math.nan), row("gradient", 1, 0.3, 0.2, 0.4)]
+METHODS = ["gradient", "guided_backprop", "gradcam"]
+
+
+def test_a_method_passes_when_the_upper_bound_is_within_max() -> None:
+    verdicts = decide(SUMMARY, {"cascading": Threshold(metric="spearman", max=0.25)},
+                      methods=METHODS, stage_names=NAMES, final_stage=FINAL)
+    by_method = {v.method: v for v in verdicts}
+    assert by_method["gradient"].verdict == PASS  # 0.12 <= 0.25
+    assert by_method["guided_backprop"].verdict == FAIL  # 0.70 > 0.25
+    assert by_method["gradcam"].verdict == INVALID and "undefined" in by_method["gradcam"].reason
+    # The bound, not the mean, decides: mean 0.20 passes max 0.25 only if its CI does.
+    close = [row("gradient", 3, 0.20, 0.14, 0.26)]
+    (verdict,) = decide(close, {"cascading": Threshold(metric="spearman", max=0.25)},
+                        methods=["gradient"], stage_names=NAMES, final_stage=FINAL)
+    assert verdict.verdict == FAIL and "0.260 > max 0.25" in verdict.reason
+
+
+def test_stages_by_name_or_index_and_invalid_tests() -> None:
+    for stage in ("fc", 1):
+        (verdict,) = decide(SUMMARY, {"cascading": Threshold(metric="spearman", stage=stage,
+                                                             max=0.35)},
+                            methods=["gradient"], stage_names=NAMES, final_stage=FINAL)
+        assert (verdict.stage, verdict.verdict) == ("fc", FAIL)  # 0.4 > 0.35
+    (verdict,) = decide(SUMMARY, {"cascading": Threshold(metric="spearman", max=0.9)},
+                        methods=["gradient"], stage_names=NAMES, final_stage=FINAL,
+                        invalid_tests={"cascading": "invalid test: not memorised"})
+    assert verdict.verdict == INVALID
+    with pytest.raises(ConfigError, match=r"thresholds\.cascading\.stage: no stage named"):
+        resolve_stage("cascading", "layer9", NAMES["cascading"], 3)
+    with pytest.raises(ConfigError, match="past the last stage"):
+        resolve_stage("cascading", 7, NAMES["cascading"], 3)
+
+
+def test_the_gate_counts_only_the_methods_fail_on_names() -> None:
+    verdicts = decide(SUMMARY, {"cascading": Threshold(metric="spearman", max=0.25)},
+                      methods=METHODS, stage_names=NAMES, final_stage=FINAL)
+    assert [v.method for v in gate_failures(verdicts, "all")] == ["guided_backprop"]
+    assert gate_failures(verdicts, "none") == []
+    assert gate_failures(verdicts, ["gradient", "gradcam"]) == []
+    suite = ElementTree.fromstring(junit_xml(verdicts, gate_failures(verdicts, "all")))
+    assert suite.get("tests") == "3" and suite.get("failures") == "1"
+    assert suite.get("skipped") == "1"
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["guided_backprop"].find("failure") is not None
+    assert cases["gradient"].find("failure") is None
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            images / f"img{i}.png")
+    config = {
+        "model": {"factory": "tests.test_cli:tiny_cnn", "num_classes": 4},
+        "images": {"path": "images", "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "methods": ["gradient", "guided_backprop"],
+        "tests": {"cascading": {"enabled": True}},
+        "metrics": ["spearman_abs", "ssim"],
+        "runtime": {"device": "cpu"},
+        "output": {"dir": "out", "figure_images": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def _run(project: Path, *args: str):
+    return runner.invoke(app, ["run", str(project / "config.yaml"), *args])
+
+
+def test_exit_code_0_when_every_method_passes_and_1_when_a_gated_one_fails(project) -> None:
+    passing = _run(project, "--set", "thresholds={cascading: {metric: ssim, max: 1.01}}")
+    assert passing.exit_code == 0, passing.output
+    assert "check passed" in passing.output
+    with (project / "out" / "verdicts.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["verdict"] for r in rows} == {PASS} and len(rows) == 2
+    assert (project / "out" / "figures" / "verdicts.png").is_file()
+
+    failing = _run(project, "--set", "thresholds={cascading: {metric: ssim, max: -0.5}}",
+                   "--junit", str(project / "junit.xml"))
+    assert failing.exit_code == 1, failing.output
+    assert "check failed" in failing.output
+    suite = ElementTree.parse(project / "junit.xml").getroot()
+    assert suite.get("failures") == "2"
+    assert {c.get("name") for c in suite.iter("testcase")} == {"gradient", "guided_backprop"}
+
+    ungated = _run(project, "--set", "thresholds={cascading: {metric: ssim, max: -0.5}}",
+                   "--set", "fail_on=none")
+    assert ungated.exit_code == 0, ungated.output
+
+
+def test_json_goes_to_stdout_alone(project) -> None:
+    result = runner.invoke(app, ["run", str(project / "config.yaml"), "--json", "--set",
+                                 "thresholds={cascading: {metric: ssim, max: -0.5}}",
+                                 "--set", "fail_on=[gradient]"])
+    assert result.exit_code == 1
+    stdout = result.stdout
+    payload = json.loads(stdout[stdout.index("{"):])
+    assert payload["passed"] is False and payload["failed"] == ["gradient/cascading"]
+    assert {v["method"] for v in payload["verdicts"]} == {"gradient", "guided_backprop"}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("thresholds={independent: {metric: ssim, max: 0.2}}", "the independent test does not run"),
+    ("thresholds={cascading: {metric: hog, max: 0.2}}", "thresholds.cascading.metric"),
+    ("thresholds={cascading: {metric: ssim, stage: nowhere, max: 0.2}}", "no stage named"),
+    ("fail_on=[smoothgrad]", "fail_on: 'smoothgrad' is not one of the methods"),
+])
+def test_bad_verdict_rules_exit_2_with_one_line(project, override: str, message: str) -> None:
+    result = _run(project, "--set", override)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
