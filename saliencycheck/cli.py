@@ -219,6 +219,40 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
 
 
 @app.command()
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="Output folder of the baseline run.")],
+    new: Annotated[Path, typer.Argument(help="Output folder of the new run.")],
+    tolerance: Annotated[float, typer.Option(help="Largest rise of a mean similarity that is "
+                                             "not a regression.")] = 0.05,
+) -> None:
+    """Compare two runs' summaries; exit 1 on any regression beyond the tolerance."""
+    from saliencycheck.compare import compare_runs
+
+    try:
+        result = compare_runs(baseline, new, tolerance=tolerance)
+    except SaliencyCheckError as exc:
+        raise fail(exc) from None
+    for title, changes, colour in (("regressions", result.regressions, "red"),
+                                   ("improvements", result.improvements, "green")):
+        if not changes:
+            continue
+        table = Table(title=f"{title} (mean similarity to the trained maps; higher is worse)",
+                      title_justify="left")
+        for column in ("method", "test", "stage", "metric", "baseline", "new", "change"):
+            table.add_column(column)
+        for c in changes:
+            delta = "" if c.delta is None else f"[{colour}]{c.delta:+.3f}[/]"
+            table.add_row(c.method, c.test, c.stage, c.metric, c.baseline, c.new, delta)
+        console.print(table)
+    verdict = (f"[bold red]{len(result.regressions)} regression(s)[/]" if result.regressions
+               else "[green]no regression[/]")
+    console.print(f"{verdict} beyond tolerance {tolerance} ({result.compared} scores compared, "
+                  f"{len(result.improvements)} improved)", highlight=False)
+    if result.regressions:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def init(path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path(
              "saliencycheck.yaml"),
          force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False

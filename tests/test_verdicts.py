@@ -155,3 +155,40 @@ def test_bad_verdict_rules_exit_2_with_one_line(project, override: str, message:
     result = _run(project, "--set", override)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_compare_finds_an_injected_regression_and_passes_an_identical_run(project) -> None:
+    import shutil
+
+    result = _run(project, "--set", "thresholds={cascading: {metric: ssim, max: 1.01}}")
+    assert result.exit_code == 0, result.output
+    baseline = project / "out"
+    same = runner.invoke(app, ["compare", str(baseline), str(baseline)])
+    assert same.exit_code == 0 and "no regression" in same.output
+
+    new = project / "new"
+    shutil.copytree(baseline, new)
+    with (new / "summary.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    target = next(r for r in rows if r["method"] == "gradient" and r["stage_index"] == "2"
+                  and r["metric"] == "ssim")
+    target["mean"] = str(float(target["mean"]) + 0.2)  # less sensitive to randomization
+    with (new / "summary.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (new / "verdicts.csv").open(newline="") as fh:
+        verdicts = list(csv.DictReader(fh))
+    verdicts[1]["verdict"] = "FAIL"
+    with (new / "verdicts.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(verdicts[0]))
+        writer.writeheader()
+        writer.writerows(verdicts)
+
+    moved = runner.invoke(app, ["compare", str(baseline), str(new), "--tolerance", "0.05"])
+    assert moved.exit_code == 1, moved.output
+    assert "2 regression(s)" in moved.output and "+0.200" in moved.output
+    assert runner.invoke(app, ["compare", str(baseline), str(new),
+                               "--tolerance", "0.3"]).exit_code == 1  # the verdict still moved
+    missing = runner.invoke(app, ["compare", str(baseline), str(project / "nowhere")])
+    assert missing.exit_code == 2 and "summary.csv" in missing.output

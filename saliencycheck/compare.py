@@ -1,0 +1,99 @@
+"""`saliencycheck compare`: did a new run regress against a baseline run?
+
+In a sanity check, a higher similarity to the trained model's maps after randomization is
+worse: the method became less sensitive to the model. So a regression is a mean similarity
+(summary.csv, any method × test × randomized stage × metric) that rose by more than the
+tolerance, a verdict that went from PASS to FAIL (verdicts.csv), or a score the baseline had
+and the new run lacks. Falls are listed as improvements.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from saliencycheck.errors import DataError
+
+Key = tuple[str, str, int, str]  # method, test, stage_index, metric
+
+
+@dataclass(frozen=True)
+class Change:
+    """One score or verdict that moved between the runs."""
+
+    method: str
+    test: str
+    stage: str
+    metric: str
+    baseline: str
+    new: str
+    delta: float | None  # new − baseline mean; None for verdicts and missing scores
+
+
+@dataclass(frozen=True)
+class Comparison:
+    regressions: list[Change]
+    improvements: list[Change]
+    compared: int  # scores present in both runs
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: not found; give the output folders of two runs "
+                        "(each holds summary.csv)")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+
+
+def _means(folder: Path) -> dict[Key, tuple[str, float]]:
+    rows = _read(folder / "summary.csv")
+    try:
+        return {(r["method"], r["test"], int(r["stage_index"]), r["metric"]):
+                (r["stage"], float(r["mean"])) for r in rows if int(r["stage_index"]) > 0}
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"{folder / 'summary.csv'}: not a saliencycheck summary ({exc})") \
+            from None
+
+
+def _verdicts(folder: Path) -> dict[tuple[str, str], dict[str, str]]:
+    path = folder / "verdicts.csv"
+    return {(r["method"], r["test"]): r for r in _read(path)} if path.is_file() else {}
+
+
+def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Comparison:
+    """Regressions and improvements of ``new`` against ``baseline`` beyond ``tolerance``."""
+    if not tolerance >= 0:
+        raise DataError(f"--tolerance must be ≥ 0, got {tolerance}")
+    before, after = _means(baseline), _means(new)
+    regressions, improvements, compared = [], [], 0
+    for key, (stage, old) in sorted(before.items()):
+        method, test, _, metric = key
+        if key not in after:
+            regressions.append(Change(method, test, stage, metric, f"{old:.3f}", "missing",
+                                      None))
+            continue
+        value = after[key][1]
+        if math.isnan(old) or math.isnan(value):
+            if math.isnan(old) != math.isnan(value):  # defined in one run only: say so
+                (regressions if math.isnan(old) else improvements).append(
+                    Change(method, test, stage, metric, f"{old:.3f}", f"{value:.3f}", None))
+            continue
+        compared += 1
+        delta = value - old
+        change = Change(method, test, stage, metric, f"{old:.3f}", f"{value:.3f}", delta)
+        if delta > tolerance:
+            regressions.append(change)
+        elif delta < -tolerance:
+            improvements.append(change)
+    old_verdicts, new_verdicts = _verdicts(baseline), _verdicts(new)
+    for key, row in sorted(old_verdicts.items()):
+        now = new_verdicts.get(key)
+        if row["verdict"] == "PASS" and now is not None and now["verdict"] == "FAIL":
+            regressions.append(Change(key[0], key[1], now["stage"], now["metric"], "PASS",
+                                      "FAIL", None))
+    return Comparison(regressions, improvements, compared)
