@@ -47,6 +47,7 @@ class Workload:
             "runtime": {"device": device, "batch_size": self.batch_size,
                         "chunk_size": self.chunk_size, "seed": 0},
             "output": {"dir": str(output_dir), "figures": False, "save_maps": False},
+            "baselines": {"random_floor": False},  # Quantus computes no floor: same work
         }
 
     def describe(self) -> str:

@@ -142,6 +142,18 @@ def _print_summary(result, console: Console) -> None:  # noqa: ANN001
             table.add_row(method, *[_fmt(rows[(method, m)].mean) if (method, m) in rows else "-"
                                     for m in metrics])
         console.print(table)
+    floors = {(s.method, s.metric): s for s in result.summary if s.test == "random_floor"}
+    if floors:
+        table = Table(title="random-network floor: two fully random copies of the model scored "
+                            "against each other, mean over images (a score near it means "
+                            "unrelated)", title_justify="left")
+        table.add_column("method")
+        for metric in metrics:
+            table.add_column(metric, justify="right")
+        for method in result.methods:
+            table.add_row(method, *[_fmt(floors[(method, m)].mean) if (method, m) in floors
+                                    else "-" for m in metrics])
+        console.print(table)
     if any(math.isnan(s.mean) for s in result.summary):
         console.print("n/a: undefined for every image, e.g. a constant (all-zero) map; "
                       "report.csv says why in its note column", highlight=False)

@@ -277,12 +277,27 @@ class Threshold(Section):
     max: float | None = Field(
         None, description="Pass if the upper confidence bound of the mean similarity is ≤ max."
     )
+    max_above_floor: float | None = Field(
+        None, description="Or pass if that bound is ≤ the random-network floor + this margin "
+        "(needs baselines.random_floor)."
+    )
 
     @model_validator(mode="after")
     def _has_bound(self) -> Threshold:
-        if self.max is None:
-            raise ValueError("give max: the highest similarity a passing method may keep")
+        if (self.max is None) == (self.max_above_floor is None):
+            raise ValueError("give one of max: (the highest similarity a passing method may "
+                             "keep) or max_above_floor: (a margin above the random-network "
+                             "floor)")
         return self
+
+
+class BaselinesConfig(Section):
+    random_floor: bool = Field(
+        True,
+        description="Score the maps of two independently, fully randomized copies of the model "
+        "(seeds runtime.seed+1 and +2) against each other: the similarity an unrelated network "
+        "of the same architecture already has, shown next to every score.",
+    )
 
 
 class OutputConfig(Section):
@@ -317,6 +332,9 @@ class Config(Section):
         default_factory=RuntimeConfig, description="Device and batching."
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="What is written where.")
+    baselines: BaselinesConfig = Field(
+        default_factory=BaselinesConfig, description="Reference scores shown next to the tests'."
+    )
     thresholds: dict[Literal["cascading", "independent", "label_randomization"], Threshold] = Field(
         default_factory=dict,
         description="Per test, the verdict rule: e.g. {cascading: {metric: spearman, stage: "
@@ -342,6 +360,9 @@ class Config(Section):
             if section is None or not getattr(section, "enabled", True):
                 raise ValueError(f"thresholds.{test}: the {test} test does not run; enable it "
                                  "under tests: or remove the threshold")
+            if threshold.max_above_floor is not None and not self.baselines.random_floor:
+                raise ValueError(f"thresholds.{test}.max_above_floor needs the random-network "
+                                 "floor; set baselines.random_floor: true or use max:")
             if threshold.metric not in self.metrics:
                 raise ValueError(f"thresholds.{test}.metric: {threshold.metric!r} is not "
                                  f"computed; add it to metrics: {list(self.metrics)}")

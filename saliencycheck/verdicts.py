@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # the report package imports the runner, which imports this m
     from saliencycheck.report.tables import SummaryRow
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
+FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
-                  "ci_high", "max", "verdict", "reason")
+                  "ci_high", "max", "floor", "verdict", "reason")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Verdict:
     statistic: float  # mean similarity over images at the stage
     ci_low: float
     ci_high: float
-    max: float
+    max: float  # the limit applied: the threshold's max, or the floor + max_above_floor
+    floor: float  # the random-network floor's mean for this method and metric (NaN: none)
     verdict: str
     reason: str
 
@@ -65,6 +67,7 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
            invalid_tests: dict[str, str] | None = None) -> list[Verdict]:
     """A verdict for every method and every test with a threshold."""
     rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
+    floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
     verdicts = []
     for test, threshold in thresholds.items():
         index = resolve_stage(test, threshold.stage, stage_names[test], final_stage[test])
@@ -73,6 +76,9 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             row = rows.get((method, test, index, threshold.metric))
             mean, low, high = ((row.mean, row.ci_low, row.ci_high) if row
                                else (math.nan, math.nan, math.nan))
+            floor = floors.get((method, threshold.metric), math.nan)
+            limit = threshold.max if threshold.max is not None \
+                else floor + threshold.max_above_floor
             if invalid_tests and test in invalid_tests:
                 verdict, reason = INVALID, invalid_tests[test]
             elif row is None or math.isnan(mean):
@@ -82,12 +88,19 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             else:
                 bound = high if math.isfinite(high) else mean  # one image: no interval
                 what = "upper 95 % bound" if math.isfinite(high) else "mean (one image)"
-                verdict = PASS if bound <= threshold.max else FAIL
-                relation = "≤" if verdict == PASS else ">"
-                reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
-                          f"{relation} max {threshold.max}")
+                relative = threshold.max is None
+                if relative and math.isnan(floor):
+                    verdict, reason = INVALID, (f"no random-network floor for {method} / "
+                                                f"{threshold.metric} (undefined: constant maps)")
+                else:
+                    verdict = PASS if bound <= limit else FAIL
+                    relation = "≤" if verdict == PASS else ">"
+                    rule = (f"floor {floor:.3f} + {threshold.max_above_floor}" if relative
+                            else f"max {threshold.max}")
+                    reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
+                              f"{relation} {rule}")
             verdicts.append(Verdict(method, test, threshold.metric, index, stage, mean, low,
-                                    high, threshold.max, verdict, reason))
+                                    high, limit, floor, verdict, reason))
     return verdicts
 
 

@@ -192,3 +192,56 @@ def test_compare_finds_an_injected_regression_and_passes_an_identical_run(projec
                                "--tolerance", "0.3"]).exit_code == 1  # the verdict still moved
     missing = runner.invoke(app, ["compare", str(baseline), str(project / "nowhere")])
     assert missing.exit_code == 2 and "summary.csv" in missing.output
+
+
+def edge_detector(model, inputs, targets):
+    """A 'method' that ignores the model: the Sobel gradient magnitude of the input."""
+    import torch
+    import torch.nn.functional as F
+
+    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grey = inputs.mean(dim=1, keepdim=True)
+    gx = F.conv2d(grey, kernel.view(1, 1, 3, 3).to(inputs), padding=1)
+    gy = F.conv2d(grey, kernel.t().reshape(1, 1, 3, 3).to(inputs), padding=1)
+    return (gx**2 + gy**2).sqrt()
+
+
+def test_the_random_network_floor_is_one_for_a_model_blind_method_and_low_for_gradient(
+        project) -> None:
+    result = _run(project, "--set",
+                  "methods=[gradient, {name: custom, label: edges, "
+                  "callable: 'tests.test_verdicts:edge_detector'}]",
+                  "--set", "thresholds={cascading: {metric: spearman_abs, "
+                  "max_above_floor: 0.05}}")
+    assert result.exit_code in (0, 1), result.output
+    assert "random-network floor" in result.output
+    with (project / "out" / "summary.csv").open(newline="") as fh:
+        floor = {r["method"]: float(r["mean"]) for r in csv.DictReader(fh)
+                 if r["test"] == "random_floor" and r["metric"] == "spearman_abs"}
+    assert floor["edges"] > 0.999  # identical maps whatever the weights
+    assert floor["gradient"] < floor["edges"] - 0.3
+    with (project / "out" / "verdicts.csv").open(newline="") as fh:
+        verdicts = {r["method"]: r for r in csv.DictReader(fh)}
+    # A relative rule is judged against each method's own floor (recorded in the verdict).
+    assert float(verdicts["edges"]["floor"]) > 0.999
+    assert float(verdicts["gradient"]["max"]) == pytest.approx(floor["gradient"] + 0.05)
+
+
+def test_a_relative_threshold_is_judged_against_the_methods_floor() -> None:
+    floor = [SummaryRow("gradient", "random_floor", 1, "random_vs_random", "spearman", 0.30,
+                        0.1, 0.25, 0.35, 8, 0),
+             SummaryRow("guided_backprop", "random_floor", 1, "random_vs_random", "spearman",
+                        0.60, 0.1, 0.55, 0.65, 8, 0)]
+    rule = {"cascading": Threshold(metric="spearman", max_above_floor=0.05)}
+    verdicts = {v.method: v for v in decide(SUMMARY + floor, rule, methods=METHODS,
+                                             stage_names=NAMES, final_stage=FINAL)}
+    assert verdicts["gradient"].verdict == PASS  # 0.12 <= 0.30 + 0.05
+    assert verdicts["guided_backprop"].verdict == FAIL  # 0.70 > 0.60 + 0.05
+    assert verdicts["guided_backprop"].max == pytest.approx(0.65)
+    assert "floor 0.600 + 0.05" in verdicts["guided_backprop"].reason
+    assert verdicts["gradcam"].verdict == INVALID  # no floor (and no score)
+    with pytest.raises(ConfigError, match="give one of max"):
+        from saliencycheck.config import parse_config
+
+        parse_config({"thresholds": {"cascading": {"metric": "spearman_abs", "max": 0.2,
+                                                   "max_above_floor": 0.1}}})

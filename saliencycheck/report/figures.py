@@ -79,8 +79,10 @@ def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
     ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
 
 
-def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str]) -> None:
-    """Each metric against the stage, one line per method: mean with its 95 % CI band."""
+def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
+                      floors: dict[tuple[str, str], float] | None = None) -> None:
+    """Each metric against the stage, one line per method: mean with its 95 % CI band, and
+    the method's random-network floor (``floors[(method, metric)]``) as a dotted line."""
     rows = [s for s in summary if s.test == test]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
     fig, axes, flat = _metric_grid(metrics)
@@ -92,7 +94,11 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
         for method, series in by_method.items():
             series.sort(key=lambda s: s.stage_index)
             x = [s.stage_index for s in series]
-            ax.plot(x, [s.mean for s in series], marker="o", markersize=3, label=method)
+            (line,) = ax.plot(x, [s.mean for s in series], marker="o", markersize=3,
+                              label=method)
+            floor = (floors or {}).get((method, metric))
+            if floor is not None and np.isfinite(floor):
+                ax.axhline(floor, color=line.get_color(), linestyle=":", linewidth=1)
             low = [s.ci_low if np.isfinite(s.ci_low) else s.mean for s in series]
             high = [s.ci_high if np.isfinite(s.ci_high) else s.mean for s in series]
             ax.fill_between(x, low, high, alpha=0.2)
@@ -105,7 +111,8 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     spare = len(metrics) % axes.shape[1]  # an empty panel takes the legend
     fig.legend(handles, labels, fontsize=7, loc="lower right" if spare else "upper right",
                ncols=1 if spare else len(labels))
-    fig.suptitle(f"{test} randomization (mean and 95 % CI over images)", fontsize=10)
+    fig.suptitle(f"{test} randomization (mean and 95 % CI over images"
+                 + ("; dotted: random-network floor)" if floors else ")"), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -20,8 +20,9 @@ from saliencycheck.postprocess import absolute
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, logit_change
 from saliencycheck.runner.plan import WorkUnit
-from saliencycheck.runner.setup import LABEL_TEST, TRAINED, RunSetup
+from saliencycheck.runner.setup import FLOOR_STAGE, LABEL_TEST, TRAINED, RunSetup
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
+from saliencycheck.verdicts import FLOOR_TEST
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 
@@ -45,6 +46,7 @@ class _StageRef:
 
     test: str
     stage: Stage | None
+    seed: int | None = None  # the floor's two copies draw with their own seeds
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -77,10 +79,15 @@ class UnitExecutor:
             self.randomized.check(stages)
         self.stages = [_StageRef(test, stage) for test, stages in setup.stages.items()
                        for stage in stages]
+        seed = setup.config.runtime.seed
+        self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
+                           for k in (1, 2)] if setup.floor_stage else []
         self._trace: CallTrace | None = None
 
     def _enter(self, ref: _StageRef | None) -> nn.Module:
-        return self.randomized.enter(ref.stage if ref else None, **self._options)
+        options = self._options if ref is None or ref.seed is None \
+            else {**self._options, "seed": ref.seed}
+        return self.randomized.enter(ref.stage if ref else None, **options)
 
     def prefix_trace(self, example: torch.Tensor) -> CallTrace | None:
         if not self.setup.config.runtime.prefix_cache:
@@ -114,7 +121,8 @@ class UnitExecutor:
                     top1_agreement_sum=change["top1_agreement"] * len(ids)))
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
             for group in self.groups(inputs, targets):
-                share = setup.steps_per_unit * (group.stop - group.start) / len(ids)
+                passes = setup.steps_per_unit - len(setup.label_stages)  # label: below
+                share = passes * (group.stop - group.start) / len(ids)
                 maps = self.group_maps(inputs[group], [targets[group]] +
                                         [e[group] for e in explained], trace,
                                         lambda done, g=group, share=share: progress(
@@ -124,6 +132,8 @@ class UnitExecutor:
                            for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
                                   [e[group] for e in explained], maps, scorers)
+                if self.floor_refs:
+                    self._score_floor(result, ids[group], targets[group], maps[-2:])
                 if self.label_models is not None:
                     self._score_label_models(result, raw_maps, ids[group], inputs[group],
                                              targets[group], scorers)
@@ -174,9 +184,11 @@ class UnitExecutor:
     def group_maps(self, inputs: torch.Tensor, targets: list[torch.Tensor],
                     trace: CallTrace | None, progress: Callable[[float], None]
                     ) -> list[dict[str, torch.Tensor]]:
-        """Raw maps of every method for the trained model (first) and each stage."""
+        """Raw maps of every method for the trained model (first), each stage (``targets``:
+        one per stage, the trained model's first) and the floor's two random copies (last)."""
         setup = self.setup
-        refs: list[_StageRef | None] = [None, *self.stages]
+        refs: list[_StageRef | None] = [None, *self.stages, *self.floor_refs]
+        targets = [*targets, *([targets[0]] * len(self.floor_refs))]
         plans = []
         for stage_targets in targets:
             source = RowSource.of(inputs, stage_targets)
@@ -212,6 +224,16 @@ class UnitExecutor:
             self._record(result, raw_maps, ref.test, ref.stage.index, ref.stage.name, ids,
                          targets, stage_explained, stage_maps, scores)
 
+    def _score_floor(self, result: UnitResult, ids: list[str], targets: torch.Tensor,
+                     copies: list[dict[str, torch.Tensor]]) -> None:
+        """The random-network floor: one fully random copy's maps against the other's."""
+        first, second = copies
+        scores = {label: ReferenceScorer(first[label], self.setup.config.metrics,
+                                         self.setup.post).score(second[label])
+                  for label in first}
+        self._record(result, {}, FLOOR_TEST, 1, FLOOR_STAGE, ids, targets, targets, {},
+                     scores)
+
     def _score_label_models(self, result: UnitResult,
                             raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],
                             inputs: torch.Tensor, targets: torch.Tensor,
@@ -236,8 +258,8 @@ class UnitExecutor:
         setup = self.setup
         note = self._label_note if test == LABEL_TEST else ""
         target_list, explained_list = targets.tolist(), explained.tolist()
-        for method, candidate in maps.items():
-            for metric, score in scores[method].items():
+        for method, method_scores in scores.items():
+            for metric, score in method_scores.items():
                 values = score.values.tolist()
                 for i, image in enumerate(ids):
                     result.rows.append(ScoreRow(
@@ -245,6 +267,9 @@ class UnitExecutor:
                         method=method, test=test, stage_index=stage_index, stage=stage_name,
                         metric=metric, value=float(values[i]),
                         note="; ".join(n for n in (score.reasons[i], note) if n)))
+            candidate = maps.get(method)
+            if candidate is None:  # scores only (the floor): no figures, no saved maps
+                continue
             wanted = [i for i, image in enumerate(ids) if image in setup.figure_ids]
             if wanted:
                 shown = absolute(candidate[wanted], reduction=setup.post.abs_reduction,

@@ -38,7 +38,7 @@ from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
 from saliencycheck.runner.plan import plan_units
 from saliencycheck.runner.setup import LABEL_TEST, RunSetup, first_readable
 from saliencycheck.runner.store import ResultStore
-from saliencycheck.verdicts import Verdict, decide, gate_failures, write_verdicts
+from saliencycheck.verdicts import FLOOR_TEST, Verdict, decide, gate_failures, write_verdicts
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
 TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
@@ -190,6 +190,7 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
                                           setup.preprocessing)[0]}
+    floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
     for test, names in setup.stage_names.items():
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
@@ -203,7 +204,7 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
                             list(setup.config.metrics), title=TITLES[test])
         else:
             similarity_curves(figures / f"curves_{test}.png", summary, test,
-                              list(setup.config.metrics))
+                              list(setup.config.metrics), floors=floors)
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,

@@ -42,6 +42,7 @@ from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
 LABEL_TEST = "label_randomization"
+FLOOR_STAGE = "random_vs_random"
 TRAINED = "trained"
 
 
@@ -63,6 +64,7 @@ class RunSetup:
     stages: dict[str, list[Stage]]  # per enabled test
     context: AttributionContext
     post: PostprocessOptions
+    floor_stage: Stage | None = None  # every parameter randomized: the random-network floor
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -279,6 +281,11 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(model, example)
     check_label_sources(loaded)
+    floor_stage = None
+    if config.baselines.random_floor:
+        every = find_blocks(model, example, granularity="layer")
+        floor_stage = Stage(index=1, name=FLOOR_STAGE, randomized_blocks=tuple(every),
+                            fraction_randomized=1.0)
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
                                  chunk_size=chunk_size,
                                  precision=config.runtime.precision)
@@ -286,7 +293,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
         images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
-        context=context,
+        context=context, floor_stage=floor_stage,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,
                                 percentile=config.postprocess.percentile),
