@@ -142,16 +142,20 @@ def _print_summary(result, console: Console) -> None:  # noqa: ANN001
             table.add_row(method, *[_fmt(rows[(method, m)].mean) if (method, m) in rows else "-"
                                     for m in metrics])
         console.print(table)
-    floors = {(s.method, s.metric): s for s in result.summary if s.test == "random_floor"}
-    if floors:
-        table = Table(title="random-network floor: two fully random copies of the model scored "
-                            "against each other, mean over images (a score near it means "
-                            "unrelated)", title_justify="left")
+    for baseline, title in (
+            ("random_floor", "random-network floor: two fully random copies of the model scored "
+                             "against each other (a score near it means unrelated)"),
+            ("edge_similarity", "edge-detector similarity: the trained model's maps against "
+                                "the input's Sobel edges")):
+        scores = {(s.method, s.metric): s for s in result.summary if s.test == baseline}
+        if not scores:
+            continue
+        table = Table(title=f"{title}, mean over images", title_justify="left")
         table.add_column("method")
         for metric in metrics:
             table.add_column(metric, justify="right")
         for method in result.methods:
-            table.add_row(method, *[_fmt(floors[(method, m)].mean) if (method, m) in floors
+            table.add_row(method, *[_fmt(scores[(method, m)].mean) if (method, m) in scores
                                     else "-" for m in metrics])
         console.print(table)
     if any(math.isnan(s.mean) for s in result.summary):

@@ -292,6 +292,11 @@ class Threshold(Section):
 
 
 class BaselinesConfig(Section):
+    edges: bool = Field(
+        True,
+        description="Score each method's trained-model map against a Sobel edge map of the "
+        "input: how much the method behaves like an edge detector.",
+    )
     random_floor: bool = Field(
         True,
         description="Score the maps of two independently, fully randomized copies of the model "

@@ -149,3 +149,15 @@ def views(
         "minmax": lambda: min_max(maps, reduction=options.abs_reduction),
     }
     return {name: build[name]() for name in VIEW_NAMES if name in names}
+
+
+def sobel_magnitude(inputs: Tensor) -> Tensor:
+    """Edge map of images (N, C, H, W): the Sobel gradient magnitude of their channel mean,
+    (N, 1, H, W), replicate-padded so borders are not edges."""
+    grey = inputs.mean(dim=1, keepdim=True)
+    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
+                          dtype=grey.dtype, device=grey.device)
+    padded = torch.nn.functional.pad(grey, (1, 1, 1, 1), mode="replicate")
+    gx = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 3, 3))
+    gy = torch.nn.functional.conv2d(padded, kernel.t().reshape(1, 1, 3, 3))
+    return torch.sqrt(gx * gx + gy * gy)

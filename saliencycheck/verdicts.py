@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the report package imports the runner, which imports this m
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
 FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
+EDGE_TEST = "edge_similarity"  # summary rows of the edge-detector baseline (not a test)
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
                   "ci_high", "max", "floor", "verdict", "reason")
 

@@ -80,8 +80,8 @@ def test_run_writes_every_output(project: Path) -> None:
     stages = {t: {int(r["stage_index"]) for r in rows if r["test"] == t}
               for t in ("cascading", "independent")}
     assert stages["cascading"] == set(range(6)) and stages["independent"] == set(range(6))
-    # images x methods x metrics x (stages of both tests + the random-network floor)
-    assert len(rows) == 5 * 5 * 5 * (6 + 6 + 1)
+    # images x methods x metrics x (stages of both tests + the floor + the edge baseline)
+    assert len(rows) == 5 * 5 * 5 * (6 + 6 + 1 + 1)
     floor = [r for r in rows if r["test"] == "random_floor"]
     assert {(r["stage_index"], r["stage"]) for r in floor} == {("1", "random_vs_random")}
     assert {r["image"] for r in rows} == {f"img{i}.png" for i in range(5)}
@@ -101,7 +101,7 @@ def test_run_writes_every_output(project: Path) -> None:
     summary = read_csv(out / "summary.csv")
     assert {"method", "test", "stage_index", "stage", "metric", "mean", "std", "ci_low",
             "ci_high", "n"} <= set(summary[0])
-    assert len(summary) == 5 * 5 * 13  # methods x metrics x (stages + the floor)
+    assert len(summary) == 5 * 5 * 14  # methods x metrics x (stages + the two baselines)
     stage_rows = read_csv(out / "stages.csv")
     cascading = [r for r in stage_rows if r["test"] == "cascading"]
     fractions = [float(r["fraction_randomized"]) for r in cascading]

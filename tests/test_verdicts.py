@@ -195,18 +195,14 @@ def test_compare_finds_an_injected_regression_and_passes_an_identical_run(projec
 
 
 def edge_detector(model, inputs, targets):
-    """A 'method' that ignores the model: the Sobel gradient magnitude of the input."""
-    import torch
-    import torch.nn.functional as F
+    """A 'method' that ignores the model: the Sobel edges of the input (checked against SciPy
+    in test_sobel_magnitude_matches_scipy)."""
+    from saliencycheck.postprocess import sobel_magnitude
 
-    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    grey = inputs.mean(dim=1, keepdim=True)
-    gx = F.conv2d(grey, kernel.view(1, 1, 3, 3).to(inputs), padding=1)
-    gy = F.conv2d(grey, kernel.t().reshape(1, 1, 3, 3).to(inputs), padding=1)
-    return (gx**2 + gy**2).sqrt()
+    return sobel_magnitude(inputs)
 
 
-def test_the_random_network_floor_is_one_for_a_model_blind_method_and_low_for_gradient(
+def test_baselines_floor_and_edges_are_one_for_an_edge_detector_and_low_for_gradient(
         project) -> None:
     result = _run(project, "--set",
                   "methods=[gradient, {name: custom, label: edges, "
@@ -220,6 +216,11 @@ def test_the_random_network_floor_is_one_for_a_model_blind_method_and_low_for_gr
                  if r["test"] == "random_floor" and r["metric"] == "spearman_abs"}
     assert floor["edges"] > 0.999  # identical maps whatever the weights
     assert floor["gradient"] < floor["edges"] - 0.3
+    with (project / "out" / "summary.csv").open(newline="") as fh:
+        edges = {r["method"]: float(r["mean"]) for r in csv.DictReader(fh)
+                 if r["test"] == "edge_similarity" and r["metric"] == "spearman_abs"}
+    assert edges["edges"] > 0.999  # the edge detector is one
+    assert edges["gradient"] < edges["edges"] - 0.3
     with (project / "out" / "verdicts.csv").open(newline="") as fh:
         verdicts = {r["method"]: r for r in csv.DictReader(fh)}
     # A relative rule is judged against each method's own floor (recorded in the verdict).
@@ -245,3 +246,18 @@ def test_a_relative_threshold_is_judged_against_the_methods_floor() -> None:
 
         parse_config({"thresholds": {"cascading": {"metric": "spearman_abs", "max": 0.2,
                                                    "max_above_floor": 0.1}}})
+
+
+def test_sobel_magnitude_matches_scipy() -> None:
+    import torch
+    from scipy import ndimage
+
+    from saliencycheck.postprocess import sobel_magnitude
+
+    images = torch.rand(2, 3, 17, 13, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    got = sobel_magnitude(images)[:, 0].numpy()
+    for image, edges in zip(images.mean(dim=1).numpy(), got):
+        expected = np.hypot(ndimage.sobel(image, axis=0, mode="nearest"),
+                            ndimage.sobel(image, axis=1, mode="nearest"))
+        np.testing.assert_allclose(edges, expected, rtol=1e-12, atol=1e-12)

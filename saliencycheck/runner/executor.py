@@ -16,13 +16,13 @@ from saliencycheck.data import load_images
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
 from saliencycheck.metrics import ReferenceScorer, Scores
-from saliencycheck.postprocess import absolute
+from saliencycheck.postprocess import absolute, sobel_magnitude
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, logit_change
 from saliencycheck.runner.plan import WorkUnit
-from saliencycheck.runner.setup import FLOOR_STAGE, LABEL_TEST, TRAINED, RunSetup
+from saliencycheck.runner.setup import EDGE_STAGE, FLOOR_STAGE, LABEL_TEST, TRAINED, RunSetup
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
-from saliencycheck.verdicts import FLOOR_TEST
+from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 
@@ -134,6 +134,9 @@ class UnitExecutor:
                                   [e[group] for e in explained], maps, scorers)
                 if self.floor_refs:
                     self._score_floor(result, ids[group], targets[group], maps[-2:])
+                if setup.config.baselines.edges:
+                    self._score_edges(result, ids[group], inputs[group], targets[group],
+                                      scorers)
                 if self.label_models is not None:
                     self._score_label_models(result, raw_maps, ids[group], inputs[group],
                                              targets[group], scorers)
@@ -233,6 +236,16 @@ class UnitExecutor:
                   for label in first}
         self._record(result, {}, FLOOR_TEST, 1, FLOOR_STAGE, ids, targets, targets, {},
                      scores)
+
+    def _score_edges(self, result: UnitResult, ids: list[str], inputs: torch.Tensor,
+                     targets: torch.Tensor, scorers: dict[str, ReferenceScorer]) -> None:
+        """The edge-detector baseline: trained maps against the input's Sobel magnitude."""
+        edges = sobel_magnitude(inputs)
+        scores = {}
+        for label, scorer in scorers.items():
+            channels = scorer.shape[1]  # spread over the map's channels: the views sum them
+            scores[label] = scorer.score(edges.expand(-1, channels, -1, -1) / channels)
+        self._record(result, {}, EDGE_TEST, 1, EDGE_STAGE, ids, targets, targets, {}, scores)
 
     def _score_label_models(self, result: UnitResult,
                             raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],

@@ -43,6 +43,7 @@ from saliencycheck.verdicts import check_fail_on, resolve_stage
 TESTS = ("cascading", "independent")
 LABEL_TEST = "label_randomization"
 FLOOR_STAGE = "random_vs_random"
+EDGE_STAGE = "sobel_edges"
 TRAINED = "trained"
 
 
