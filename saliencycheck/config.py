@@ -243,6 +243,15 @@ class RuntimeConfig(Section):
         "forward/backward; 'auto': from free GPU memory (measured), 128 on the CPU.",
     )
     seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
+    repeats: int = Field(
+        1, ge=1,
+        description="Repeat every randomization with this many seeds (seed, seed+1000, ...); "
+        "confidence intervals then cover images and seeds.",
+    )
+    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    bootstrap: int = Field(
+        2000, ge=100, description="Bootstrap resamples (over images x repeats) per interval."
+    )
     prefix_cache: bool = Field(
         True,
         description=(

@@ -65,7 +65,7 @@ def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> 
 
 def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
            methods: list[str], stage_names: dict[str, list[str]], final_stage: dict[str, int],
-           invalid_tests: dict[str, str] | None = None) -> list[Verdict]:
+           invalid_tests: dict[str, str] | None = None, level: float = 0.95) -> list[Verdict]:
     """A verdict for every method and every test with a threshold."""
     rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
     floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
@@ -88,7 +88,7 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
                           "constant maps); report.csv says why")
             else:
                 bound = high if math.isfinite(high) else mean  # one image: no interval
-                what = "upper 95 % bound" if math.isfinite(high) else "mean (one image)"
+                what = f"upper {level:.0%} bound" if math.isfinite(high) else "mean (one score)"
                 relative = threshold.max is None
                 if relative and math.isnan(floor):
                     verdict, reason = INVALID, (f"no random-network floor for {method} / "

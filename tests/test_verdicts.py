@@ -261,3 +261,53 @@ def test_sobel_magnitude_matches_scipy() -> None:
         expected = np.hypot(ndimage.sobel(image, axis=0, mode="nearest"),
                             ndimage.sobel(image, axis=1, mode="nearest"))
         np.testing.assert_allclose(edges, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_same_config_gives_a_byte_identical_report(project) -> None:
+    first = _run(project, "-o", str(project / "first"))
+    second = _run(project, "-o", str(project / "second"))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    for name in ("report.csv", "summary.csv", "stages.csv"):
+        assert (project / "first" / name).read_bytes() == (project / "second" / name).read_bytes()
+
+
+def test_bootstrap_interval_matches_scipy_and_covers_seeds() -> None:
+    from scipy import stats
+
+    from saliencycheck.report.tables import bootstrap_interval
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.4, 0.1, size=40)
+    low, high = bootstrap_interval(values[:, None], resamples=4000, seed=1)
+    reference = stats.bootstrap((values,), np.mean, method="percentile", n_resamples=4000,
+                                random_state=1).confidence_interval
+    assert low == pytest.approx(reference.low, abs=0.01)
+    assert high == pytest.approx(reference.high, abs=0.01)
+    assert (low, high) == bootstrap_interval(values[:, None], resamples=4000, seed=1)
+    assert bootstrap_interval(np.full((5, 1), 0.3)) == pytest.approx((0.3, 0.3))
+    assert all(math.isnan(x) for x in bootstrap_interval(np.array([[0.3]])))
+    # Seeds that disagree widen the interval: images alone would not show it.
+    per_seed = np.stack([values[:10], values[:10] + 0.3], axis=1)  # 10 images x 2 seeds
+    wide = bootstrap_interval(per_seed, seed=0)
+    narrow = bootstrap_interval(per_seed[:, :1], seed=0)
+    assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+
+
+def test_repeats_randomize_with_new_seeds_and_pool_into_the_summary(project) -> None:
+    result = _run(project, "--set", "runtime.repeats=2")
+    assert result.exit_code == 0, result.output
+    with (project / "out" / "report.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["test"] == "cascading"]
+    assert {r["repeat"] for r in rows if r["stage_index"] == "0"} == {"0"}
+    later = [r for r in rows if r["stage_index"] == "2" and r["metric"] == "ssim"
+             and r["method"] == "gradient"]
+    by_repeat = {rep: [float(r["value"]) for r in later if r["repeat"] == rep]
+                 for rep in ("0", "1")}
+    assert len(by_repeat["0"]) == len(by_repeat["1"]) == 4
+    assert by_repeat["0"] != by_repeat["1"]  # another seed, other random weights
+    with (project / "out" / "summary.csv").open(newline="") as fh:
+        summary = [r for r in csv.DictReader(fh) if r["test"] == "cascading"
+                   and r["stage_index"] == "2" and r["metric"] == "ssim"
+                   and r["method"] == "gradient"]
+    assert summary[0]["n"] == "8"  # 4 images x 2 seeds
+    assert float(summary[0]["mean"]) == pytest.approx(np.mean(by_repeat["0"] + by_repeat["1"]))

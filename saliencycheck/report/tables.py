@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from saliencycheck.randomization import Stage
 from saliencycheck.runner.store import ROW_FIELDS, ScoreRow, StageObservation
@@ -46,7 +45,8 @@ def _write(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
 
 def sort_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
     """A stable order independent of unit completion order."""
-    return sorted(rows, key=lambda r: (r.test, r.method, r.stage_index, r.metric, r.image))
+    return sorted(rows, key=lambda r: (r.test, r.method, r.stage_index, r.metric, r.image,
+                                       r.repeat))
 
 
 def write_report(path: Path, rows: list[ScoreRow]) -> None:
@@ -54,34 +54,54 @@ def write_report(path: Path, rows: list[ScoreRow]) -> None:
     _write(path, ROW_FIELDS, [asdict(r) for r in sort_rows(rows)])
 
 
-def mean_confidence_interval(
-    values: np.ndarray, level: float = 0.95
-) -> tuple[float, float, float, float]:
-    """Mean, sample std and Student-t confidence interval of the defined (non-NaN) values."""
-    n = len(values)
-    if n == 0:
-        return (math.nan,) * 4
-    mean = float(values.mean())
-    if n == 1:
-        return mean, math.nan, math.nan, math.nan
-    std = float(values.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
-    return mean, std, mean - half, mean + half
+def bootstrap_interval(values: np.ndarray, *, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (images × repeats, NaN for an
+    undefined score): images and repeats are resampled independently (a two-way bootstrap),
+    so both the image sample and the randomization seeds count. Seeded: deterministic."""
+    defined = ~np.isnan(values)
+    if defined.sum() < 2 or (values.shape[0] < 2 and values.shape[1] < 2):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    images, repeats = values.shape
+    means = []
+    for start in range(0, resamples, 250):  # bounded memory for large image counts
+        count = min(250, resamples - start)
+        rows = rng.integers(0, images, (count, images, 1))
+        cols = rng.integers(0, repeats, (count, 1, repeats))
+        sample = values[rows, cols].reshape(count, -1)
+        with np.errstate(invalid="ignore"):
+            means.append(np.nanmean(np.where(np.isnan(sample).all(axis=1, keepdims=True),
+                                             np.nan, sample), axis=1))
+    means = np.concatenate(means)
+    means = means[~np.isnan(means)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
-def summarize(rows: list[ScoreRow]) -> list[SummaryRow]:
-    """Per method × test × stage × metric: mean, std, 95 % CI over images, n."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
+def summarize(rows: list[ScoreRow], *, level: float = 0.95, resamples: int = 2000,
+              seed: int = 0) -> list[SummaryRow]:
+    """Per method × test × stage × metric: mean and std over images × repeats, a bootstrap
+    confidence interval (:func:`bootstrap_interval`), n (defined scores), n_undefined."""
+    groups: dict[tuple, dict[tuple[str, int], float]] = defaultdict(dict)
     for r in rows:
-        groups[(r.method, r.test, r.stage_index, r.stage, r.metric)].append(r.value)
+        groups[(r.method, r.test, r.stage_index, r.stage, r.metric)][(r.image, r.repeat)] = \
+            r.value
     summary = []
-    for (method, test, index, stage, metric), values in sorted(
+    for (method, test, index, stage, metric), cells in sorted(
             groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][4])):
-        array = np.asarray(values, dtype=np.float64)
-        defined = array[~np.isnan(array)]
-        mean, std, low, high = mean_confidence_interval(defined)
+        images = sorted({image for image, _ in cells})
+        repeats = sorted({repeat for _, repeat in cells})
+        table = np.full((len(images), len(repeats)), np.nan)
+        for (image, repeat), value in cells.items():
+            table[images.index(image), repeats.index(repeat)] = value
+        defined = table[~np.isnan(table)]
+        mean = float(defined.mean()) if len(defined) else math.nan
+        std = float(defined.std(ddof=1)) if len(defined) > 1 else math.nan
+        low, high = bootstrap_interval(table, level=level, resamples=resamples, seed=seed)
         summary.append(SummaryRow(method, test, index, stage, metric, mean, std, low, high,
-                                  len(defined), int(len(array) - len(defined))))
+                                  len(defined), int(table.size - len(defined))))
     return summary
 
 

@@ -25,6 +25,7 @@ from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
 from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
+REPEAT_SEED_STEP = 1000  # repeat r randomizes with runtime.seed + 1000·r (the floor: +1, +2)
 
 
 def figure_key(image: str, test: str, method: str) -> str:
@@ -46,7 +47,8 @@ class _StageRef:
 
     test: str
     stage: Stage | None
-    seed: int | None = None  # the floor's two copies draw with their own seeds
+    seed: int | None = None  # a repeat's, or a floor copy's, own seed (None: the run's)
+    repeat: int = 0
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -77,9 +79,11 @@ class UnitExecutor:
                              seed=setup.config.runtime.seed)
         for stages in setup.stages.values():
             self.randomized.check(stages)
-        self.stages = [_StageRef(test, stage) for test, stages in setup.stages.items()
-                       for stage in stages]
         seed = setup.config.runtime.seed
+        self.stages = [_StageRef(test, stage, seed=seed + REPEAT_SEED_STEP * r if r else None,
+                                 repeat=r)
+                       for r in range(setup.config.runtime.repeats)
+                       for test, stages in setup.stages.items() for stage in stages]
         self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
                            for k in (1, 2)] if setup.floor_stage else []
         self._trace: CallTrace | None = None
@@ -225,7 +229,7 @@ class UnitExecutor:
             scores = {label: scorers[label].score(candidate)
                       for label, candidate in stage_maps.items()}
             self._record(result, raw_maps, ref.test, ref.stage.index, ref.stage.name, ids,
-                         targets, stage_explained, stage_maps, scores)
+                         targets, stage_explained, stage_maps, scores, repeat=ref.repeat)
 
     def _score_floor(self, result: UnitResult, ids: list[str], targets: torch.Tensor,
                      copies: list[dict[str, torch.Tensor]]) -> None:
@@ -267,7 +271,8 @@ class UnitExecutor:
     def _record(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
                 test: str, stage_index: int, stage_name: str, ids: list[str],
                 targets: torch.Tensor, explained: torch.Tensor,
-                maps: dict[str, torch.Tensor], scores: dict[str, dict[str, Scores]]) -> None:
+                maps: dict[str, torch.Tensor], scores: dict[str, dict[str, Scores]],
+                repeat: int = 0) -> None:
         setup = self.setup
         note = self._label_note if test == LABEL_TEST else ""
         target_list, explained_list = targets.tolist(), explained.tolist()
@@ -279,9 +284,10 @@ class UnitExecutor:
                         image=image, target=target_list[i], target_explained=explained_list[i],
                         method=method, test=test, stage_index=stage_index, stage=stage_name,
                         metric=metric, value=float(values[i]),
-                        note="; ".join(n for n in (score.reasons[i], note) if n)))
+                        note="; ".join(n for n in (score.reasons[i], note) if n),
+                        repeat=repeat))
             candidate = maps.get(method)
-            if candidate is None:  # scores only (the floor): no figures, no saved maps
+            if candidate is None or repeat:  # figures and saved maps: the first seed only
                 continue
             wanted = [i for i, image in enumerate(ids) if image in setup.figure_ids]
             if wanted:

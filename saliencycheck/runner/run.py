@@ -155,7 +155,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     stored = store.load()
     rows = stored.rows
     write_report(out / "report.csv", rows)
-    summary = summarize(rows)
+    runtime = setup.config.runtime
+    summary = summarize(rows, level=runtime.ci_level, resamples=runtime.bootstrap,
+                        seed=runtime.seed)
     write_summary(out / "summary.csv", summary)
     write_stages(out / "stages.csv", setup.stages, stored.stages)
     if setup.config.output.figures and rows:
@@ -165,7 +167,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                if label_randomization and not label_randomization["valid"] else {})
     verdicts = decide(summary, setup.config.thresholds, methods=[m.label for m in setup.methods],
                       stage_names=setup.stage_names, final_stage=final_stage,
-                      invalid_tests=invalid)
+                      invalid_tests=invalid, level=runtime.ci_level)
     failures = gate_failures(verdicts, setup.config.fail_on)
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)

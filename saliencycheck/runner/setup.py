@@ -101,7 +101,8 @@ class RunSetup:
     def steps_per_unit(self) -> int:
         """Progress steps of one work unit: the trained model, every stage of every test, and
         each model of the label randomization test."""
-        return 1 + sum(len(s) for s in self.stages.values()) + len(self.label_stages)
+        stages = sum(len(s) for s in self.stages.values()) * self.config.runtime.repeats
+        return 1 + stages + len(self.label_stages)
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
-              "metric", "value", "note")
+              "metric", "value", "note", "repeat")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class ScoreRow:
     metric: str
     value: float
     note: str = ""
+    repeat: int = 0  # which of runtime.repeats randomization seeds (0 for the trained model)
 
 
 @dataclass(frozen=True)
