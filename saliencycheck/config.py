@@ -183,12 +183,22 @@ class LabelRandomizationConfig(Section):
         return self
 
 
+class RandomLogitConfig(Section):
+    enabled: bool = Field(
+        False, description="Random logit test (Sixt et al. 2020): the map for the explained "
+        "class against the map for another class drawn at random (seeded per image).",
+    )
+
+
 class TestsConfig(Section):
     cascading: CascadingConfig = Field(
         default_factory=CascadingConfig, description="Cascading test."
     )
     independent: IndependentConfig = Field(
         default_factory=IndependentConfig, description="Independent test."
+    )
+    random_logit: RandomLogitConfig = Field(
+        default_factory=RandomLogitConfig, description="Random logit test."
     )
     label_randomization: LabelRandomizationConfig | None = Field(
         None, description="Label (data) randomization test: compare with a model trained on "
@@ -269,7 +279,6 @@ class RuntimeConfig(Section):
     )
 
 
-TEST_NAMES = ("cascading", "independent", "label_randomization")
 
 
 class Threshold(Section):
@@ -349,7 +358,8 @@ class Config(Section):
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Reference scores shown next to the tests'."
     )
-    thresholds: dict[Literal["cascading", "independent", "label_randomization"], Threshold] = Field(
+    thresholds: dict[Literal["cascading", "independent", "label_randomization", "random_logit"],
+                     Threshold] = Field(
         default_factory=dict,
         description="Per test, the verdict rule: e.g. {cascading: {metric: spearman, stage: "
         "final, max: 0.25}}. Tests without one get no verdict.",

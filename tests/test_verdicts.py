@@ -311,3 +311,25 @@ def test_repeats_randomize_with_new_seeds_and_pool_into_the_summary(project) -> 
                    and r["method"] == "gradient"]
     assert summary[0]["n"] == "8"  # 4 images x 2 seeds
     assert float(summary[0]["mean"]) == pytest.approx(np.mean(by_repeat["0"] + by_repeat["1"]))
+
+
+def test_random_logit_explains_another_class_per_image_whatever_the_batching(project) -> None:
+    reports = {}
+    for batch in (1, 4):
+        result = _run(project, "-o", str(project / f"b{batch}"), "--set",
+                      "tests.random_logit.enabled=true", "--set",
+                      f"runtime.batch_size={batch}", "--set",
+                      "thresholds={random_logit: {metric: ssim, max: 1.01}}")
+        assert result.exit_code == 0, result.output
+        with (project / f"b{batch}" / "report.csv").open(newline="") as fh:
+            reports[batch] = [r for r in csv.DictReader(fh) if r["test"] == "random_logit"]
+    rows = reports[1]
+    assert {(r["stage_index"], r["stage"]) for r in rows} == {("0", "trained"),
+                                                              ("1", "random_class")}
+    other = [r for r in rows if r["stage_index"] == "1"]
+    assert other and all(r["target_explained"] != r["target"] for r in other)
+    assert {(r["image"], r["target_explained"]) for r in other} == {
+        (r["image"], r["target_explained"]) for r in reports[4] if r["stage_index"] == "1"}
+    assert (project / "b1" / "figures" / "img0" / "random_logit.png").is_file()
+    with (project / "b1" / "verdicts.csv").open(newline="") as fh:
+        assert {r["test"] for r in csv.DictReader(fh)} == {"random_logit"}

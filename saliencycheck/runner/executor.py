@@ -13,14 +13,23 @@ import torch
 from torch import nn
 
 from saliencycheck.data import load_images
+from saliencycheck.errors import MethodError
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute, sobel_magnitude
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
-from saliencycheck.randomization import RandomizedModels, Stage, logit_change
+from saliencycheck.randomization import RandomizedModels, Stage, block_seed, logit_change
 from saliencycheck.runner.plan import WorkUnit
-from saliencycheck.runner.setup import EDGE_STAGE, FLOOR_STAGE, LABEL_TEST, TRAINED, RunSetup
+from saliencycheck.runner.setup import (
+    EDGE_STAGE,
+    FLOOR_STAGE,
+    LABEL_TEST,
+    LOGIT_STAGE,
+    LOGIT_TEST,
+    TRAINED,
+    RunSetup,
+)
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
 from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
 
@@ -138,6 +147,10 @@ class UnitExecutor:
                                   [e[group] for e in explained], maps, scorers)
                 if self.floor_refs:
                     self._score_floor(result, ids[group], targets[group], maps[-2:])
+                if setup.config.tests.random_logit.enabled:
+                    self._score_random_logit(result, raw_maps, ids[group], inputs[group],
+                                             targets[group], logits.shape[1], scorers)
+                    progress((group.stop - group.start) / len(ids), f"{unit.id}: random logit")
                 if setup.config.baselines.edges:
                     self._score_edges(result, ids[group], inputs[group], targets[group],
                                       scorers)
@@ -250,6 +263,25 @@ class UnitExecutor:
             channels = scorer.shape[1]  # spread over the map's channels: the views sum them
             scores[label] = scorer.score(edges.expand(-1, channels, -1, -1) / channels)
         self._record(result, {}, EDGE_TEST, 1, EDGE_STAGE, ids, targets, targets, {}, scores)
+
+    def _score_random_logit(self, result: UnitResult,
+                            raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],
+                            inputs: torch.Tensor, targets: torch.Tensor, classes: int,
+                            scorers: dict[str, ReferenceScorer]) -> None:
+        """Maps for a random other class (drawn per image from a generator seeded by the run's
+        seed and the image id, so batching cannot change it) against the explained class's."""
+        setup = self.setup
+        if classes < 2:
+            raise MethodError("random_logit: the model has one output; there is no other "
+                              "class to explain")
+        shifts = [int(torch.randint(1, classes, (1,), generator=torch.Generator().manual_seed(
+            block_seed(setup.config.runtime.seed, image)))) for image in ids]
+        others = (targets + torch.tensor(shifts, device=targets.device)) % classes
+        model = self._enter(None)
+        maps = compute_maps(setup.methods, model, inputs, others, setup.context)
+        scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
+        self._record(result, raw_maps, LOGIT_TEST, 1, LOGIT_STAGE, ids, targets, others, maps,
+                     scores)
 
     def _score_label_models(self, result: UnitResult,
                             raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],

@@ -36,13 +36,14 @@ from saliencycheck.report.tables import (
 )
 from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
 from saliencycheck.runner.plan import plan_units
-from saliencycheck.runner.setup import LABEL_TEST, RunSetup, first_readable
+from saliencycheck.runner.setup import LABEL_TEST, LOGIT_TEST, RunSetup, first_readable
 from saliencycheck.runner.store import ResultStore
 from saliencycheck.verdicts import FLOOR_TEST, Verdict, decide, gate_failures, write_verdicts
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
 TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
-          LABEL_TEST: "label randomization (random-label model, true-label control)"}
+          LABEL_TEST: "label randomization (random-label model, true-label control)",
+          LOGIT_TEST: "random logit (the explained class, a random other class)"}
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
             stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
                        names,
                        title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
-        if test == LABEL_TEST:  # alternatives to compare, not a sequence of stages
+        if test in (LABEL_TEST, LOGIT_TEST):  # alternatives to compare, not a sequence
             comparison_bars(figures / f"bars_{test}.png", summary, test,
                             list(setup.config.metrics), title=TITLES[test])
         else:

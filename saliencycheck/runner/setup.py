@@ -42,6 +42,8 @@ from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
 LABEL_TEST = "label_randomization"
+LOGIT_TEST = "random_logit"
+LOGIT_STAGE = "random_class"
 FLOOR_STAGE = "random_vs_random"
 EDGE_STAGE = "sobel_edges"
 TRAINED = "trained"
@@ -86,6 +88,8 @@ class RunSetup:
         names = {test: [TRAINED] + [s.name for s in stages] for test, stages in self.stages.items()}
         if self.label_stages:
             names[LABEL_TEST] = [TRAINED, *self.label_stages]
+        if self.config.tests.random_logit.enabled:
+            names[LOGIT_TEST] = [TRAINED, LOGIT_STAGE]
         return names
 
     @property
@@ -102,7 +106,7 @@ class RunSetup:
         """Progress steps of one work unit: the trained model, every stage of every test, and
         each model of the label randomization test."""
         stages = sum(len(s) for s in self.stages.values()) * self.config.runtime.repeats
-        return 1 + stages + len(self.label_stages)
+        return 1 + stages + len(self.label_stages) + self.config.tests.random_logit.enabled
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
