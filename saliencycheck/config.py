@@ -190,6 +190,16 @@ class RandomLogitConfig(Section):
     )
 
 
+class CompletenessConfig(Section):
+    enabled: bool = Field(
+        False, description="Completeness (Sundararajan et al. 2017) of integrated_gradients and "
+        "gradient_x_input: |Σ attributions − (f(x) − f(baseline))| / |f(x) − f(baseline)|.",
+    )
+    tolerance: float = Field(
+        0.05, gt=0, description="Largest relative error (upper confidence bound) that passes.",
+    )
+
+
 class TestsConfig(Section):
     cascading: CascadingConfig = Field(
         default_factory=CascadingConfig, description="Cascading test."
@@ -199,6 +209,9 @@ class TestsConfig(Section):
     )
     random_logit: RandomLogitConfig = Field(
         default_factory=RandomLogitConfig, description="Random logit test."
+    )
+    completeness: CompletenessConfig = Field(
+        default_factory=CompletenessConfig, description="Completeness test."
     )
     label_randomization: LabelRandomizationConfig | None = Field(
         None, description="Label (data) randomization test: compare with a model trained on "

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # the report package imports the runner, which imports this m
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
 FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
 EDGE_TEST = "edge_similarity"  # summary rows of the edge-detector baseline (not a test)
+COMPLETENESS_TEST = "completeness"
+COMPLETENESS_METRIC = "relative_error"
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
                   "ci_high", "max", "floor", "verdict", "reason")
 
@@ -102,6 +104,25 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
                               f"{relation} {rule}")
             verdicts.append(Verdict(method, test, threshold.metric, index, stage, mean, low,
                                     high, limit, floor, verdict, reason))
+    return verdicts
+
+
+def completeness_verdicts(summary: list[SummaryRow], tolerance: float, *,
+                          level: float = 0.95) -> list[Verdict]:
+    """PASS when the upper bound of the mean relative completeness error is ≤ tolerance."""
+    verdicts = []
+    for s in summary:
+        if s.test != COMPLETENESS_TEST:
+            continue
+        if math.isnan(s.mean):
+            verdict, reason = INVALID, "f(x) = f(baseline) for every image: nothing to complete"
+        else:
+            bound = s.ci_high if math.isfinite(s.ci_high) else s.mean
+            verdict = PASS if bound <= tolerance else FAIL
+            reason = (f"upper {level:.0%} bound of the mean relative error: {bound:.2e} "
+                      f"{'≤' if verdict == PASS else '>'} tolerance {tolerance}")
+        verdicts.append(Verdict(s.method, COMPLETENESS_TEST, s.metric, 0, s.stage, s.mean,
+                                s.ci_low, s.ci_high, tolerance, math.nan, verdict, reason))
     return verdicts
 
 

@@ -333,3 +333,37 @@ def test_random_logit_explains_another_class_per_image_whatever_the_batching(pro
     assert (project / "b1" / "figures" / "img0" / "random_logit.png").is_file()
     with (project / "b1" / "verdicts.csv").open(newline="") as fh:
         assert {r["test"] for r in csv.DictReader(fh)} == {"random_logit"}
+
+
+def linear_model(num_classes: int = 4):
+    """f(x) = W x, no bias: integrated gradients and gradient × input are complete on it."""
+    import torch
+    from torch import nn
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes, bias=False))
+    torch.random.set_rng_state(state)
+    return model
+
+
+def test_completeness_is_exact_on_a_linear_model_and_fails_for_gradient_x_input_with_biases(
+        project) -> None:
+    def completeness(factory: str, out: str) -> dict[str, dict[str, str]]:
+        result = _run(project, "-o", str(project / out), "--set",
+                      f"model={{factory: '{factory}', num_classes: 4}}", "--set",
+                      "methods=[{name: integrated_gradients, steps: 8}, gradient_x_input]",
+                      "--set", "tests={cascading: {enabled: false}, "
+                      "completeness: {enabled: true, tolerance: 0.05}}",
+                      "--set", "fail_on=none")
+        assert result.exit_code == 0, result.output
+        with (project / out / "verdicts.csv").open(newline="") as fh:
+            return {r["method"]: r for r in csv.DictReader(fh) if r["test"] == "completeness"}
+
+    linear = completeness("tests.test_verdicts:linear_model", "linear")
+    for method in ("integrated_gradients", "gradient_x_input"):
+        assert linear[method]["verdict"] == PASS
+        assert float(linear[method]["statistic"]) < 1e-4  # float32 sums of 3,072 terms
+    cnn = completeness("tests.test_cli:tiny_cnn", "cnn")
+    assert cnn["gradient_x_input"]["verdict"] == FAIL  # biases break gradient x input
+    assert float(cnn["gradient_x_input"]["statistic"]) > 0.05

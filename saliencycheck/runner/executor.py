@@ -15,6 +15,7 @@ from torch import nn
 from saliencycheck.data import load_images
 from saliencycheck.errors import MethodError
 from saliencycheck.label_training import LabelModels
+from saliencycheck.methods.baselines import make_baseline
 from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute, sobel_magnitude
@@ -31,7 +32,7 @@ from saliencycheck.runner.setup import (
     RunSetup,
 )
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
-from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
+from saliencycheck.verdicts import COMPLETENESS_METRIC, COMPLETENESS_TEST, EDGE_TEST, FLOOR_TEST
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 REPEAT_SEED_STEP = 1000  # repeat r randomizes with runtime.seed + 1000·r (the floor: +1, +2)
@@ -151,6 +152,9 @@ class UnitExecutor:
                     self._score_random_logit(result, raw_maps, ids[group], inputs[group],
                                              targets[group], logits.shape[1], scorers)
                     progress((group.stop - group.start) / len(ids), f"{unit.id}: random logit")
+                if setup.config.tests.completeness.enabled:
+                    self._score_completeness(result, ids[group], inputs[group], targets[group],
+                                             maps[0])
                 if setup.config.baselines.edges:
                     self._score_edges(result, ids[group], inputs[group], targets[group],
                                       scorers)
@@ -282,6 +286,34 @@ class UnitExecutor:
         scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
         self._record(result, raw_maps, LOGIT_TEST, 1, LOGIT_STAGE, ids, targets, others, maps,
                      scores)
+
+    def _score_completeness(self, result: UnitResult, ids: list[str], inputs: torch.Tensor,
+                            targets: torch.Tensor, trained: dict[str, torch.Tensor]) -> None:
+        """Relative error of Σ attributions against f(x) − f(baseline), per image, for
+        integrated gradients (its own baseline) and gradient × input (baseline 0)."""
+        setup = self.setup
+        model = self._enter(None)
+        scores = {}
+        for method in setup.methods:
+            if method.name == "integrated_gradients":
+                baseline = make_baseline(method.params.baseline, inputs, setup.context,
+                                         blur_sigma=method.params.blur_sigma)
+            elif method.name == "gradient_x_input":
+                baseline = torch.zeros_like(inputs)
+            else:
+                continue
+            with torch.no_grad():
+                logits = model(inputs)
+                gap = (logits - model(baseline)).gather(1, targets[:, None])[:, 0]
+            total = trained[method.label].flatten(1).sum(dim=1)
+            error = (total - gap).abs() / gap.abs()
+            flat = gap.abs() <= 1e-12 * (1 + logits.abs().amax())
+            error = torch.where(flat, torch.full_like(error, float("nan")), error)
+            scores[method.label] = {COMPLETENESS_METRIC: Scores(error.double(), tuple(
+                "f(x) = f(baseline): no gap to complete" if f else "" for f in flat.tolist()))}
+        if scores:
+            self._record(result, {}, COMPLETENESS_TEST, 0, TRAINED, ids, targets, targets, {},
+                         scores)
 
     def _score_label_models(self, result: UnitResult,
                             raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],

@@ -38,7 +38,14 @@ from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
 from saliencycheck.runner.plan import plan_units
 from saliencycheck.runner.setup import LABEL_TEST, LOGIT_TEST, RunSetup, first_readable
 from saliencycheck.runner.store import ResultStore
-from saliencycheck.verdicts import FLOOR_TEST, Verdict, decide, gate_failures, write_verdicts
+from saliencycheck.verdicts import (
+    FLOOR_TEST,
+    Verdict,
+    completeness_verdicts,
+    decide,
+    gate_failures,
+    write_verdicts,
+)
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
 TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
@@ -169,6 +176,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     verdicts = decide(summary, setup.config.thresholds, methods=[m.label for m in setup.methods],
                       stage_names=setup.stage_names, final_stage=final_stage,
                       invalid_tests=invalid, level=runtime.ci_level)
+    if setup.config.tests.completeness.enabled:
+        verdicts += completeness_verdicts(summary, setup.config.tests.completeness.tolerance,
+                                          level=runtime.ci_level)
     failures = gate_failures(verdicts, setup.config.fail_on)
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)
