@@ -163,7 +163,8 @@ def verdict_heatmap(path: Path, verdicts: list) -> None:  # list[Verdict]
     tests = list(dict.fromkeys(v.test for v in verdicts))
     cells = {(v.method, v.test): v for v in verdicts}
     image = np.ones((len(methods), len(tests), 3))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.9 * len(tests), 0.8 + 0.45 * len(methods)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.9 * len(tests)),
+                                    1.0 + 0.45 * len(methods)))
     for i, method in enumerate(methods):
         for j, test in enumerate(tests):
             v = cells.get((method, test))
@@ -176,7 +177,7 @@ def verdict_heatmap(path: Path, verdicts: list) -> None:  # list[Verdict]
     ax.imshow(image, aspect="auto")
     ax.set_xticks(range(len(tests)), tests, fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
-    ax.set_title("verdicts (PASS: the maps stopped resembling the trained model's)", fontsize=9)
+    ax.set_title("verdicts\nPASS: the maps stopped resembling the trained model's", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
