@@ -253,6 +253,10 @@ class PostprocessConfig(Section):
     percentile: float = Field(
         99.0, gt=0, le=100, description="Percentile used to scale and clip maps (original: 99)."
     )
+    ssim_data_range: float = Field(
+        1.0, gt=0, description="SSIM's data range: 1 for maps in [0, 1] (correct); the original "
+        "code left it unset, so scikit-image assumed 2 (preset adebayo2018).",
+    )
 
 
 class RuntimeConfig(Section):
@@ -347,7 +351,22 @@ class OutputConfig(Section):
     )
 
 
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    # The original code's choices (REFERENCE.md §1-3): the class recomputed on every randomized
+    # model, SSIM with scikit-image's old float data range of 2.
+    "adebayo2018": {"tests": {"target_on_randomized": "recompute"},
+                    "postprocess": {"ssim_data_range": 2.0}},
+}
+
+
 class Config(Section):
+    preset: Literal["default", "adebayo2018"] = Field(
+        "default",
+        description="'adebayo2018': the original code's choices (target_on_randomized: "
+        "recompute, ssim_data_range: 2) where the config does not set them; 'default': the "
+        "corrected ones.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model under test.")
     images: ImagesConfig = Field(default_factory=ImagesConfig, description="Input images.")
     methods: list[str | MethodEntry] = Field(
@@ -389,6 +408,19 @@ class Config(Section):
         if len(set(value)) != len(value):
             raise ValueError("each metric may be listed once")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """A preset fills the keys it names unless the config sets them itself."""
+        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+            return data
+        merged = dict(data)
+        for section, values in PRESETS[data["preset"]].items():
+            given = merged.get(section) or {}
+            if isinstance(given, dict):
+                merged[section] = {**values, **given}
+        return merged
 
     @model_validator(mode="after")
     def _thresholds_match_the_run(self) -> Config:

@@ -343,8 +343,14 @@ class ReferenceScorer:
                 f"vs {tuple(candidate_maps.shape)}"
             )
         candidate = views(candidate_maps, self.options, names=self.reference.keys())
-        return {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view])
+        return {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view],
+                                   **_metric_options(spec.name, self.options))
                 for spec in self.specs}
+
+
+def _metric_options(name: str, options: PostprocessOptions) -> dict[str, float]:
+    """Keyword arguments a metric takes from the run's options (SSIM's data range)."""
+    return {"data_range": options.ssim_data_range} if name == "ssim" else {}
 
 
 def score_maps(

@@ -38,6 +38,7 @@ class PostprocessOptions:
     abs_reduction: Reduction = "sum_abs"
     signed_reduction: Reduction = "sum"
     percentile: float = 99.0
+    ssim_data_range: float = 1.0  # read by the SSIM metric (2: the original code's setting)
 
 
 def reduce_channels(maps: Tensor, how: Reduction) -> Tensor:

@@ -286,3 +286,30 @@ def test_hog_descriptors_match_skimage(shape: tuple[int, int], pixels_per_cell: 
     for m, descriptor in zip(maps, got):
         expected = hog(m, pixels_per_cell=(pixels_per_cell, pixels_per_cell))
         np.testing.assert_allclose(descriptor.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_adebayo2018_preset_scores_ssim_with_the_original_data_range() -> None:
+    from skimage.metrics import structural_similarity
+
+    from saliencycheck.config import parse_config
+    from saliencycheck.metrics import ReferenceScorer
+    from saliencycheck.postprocess import PostprocessOptions, views
+
+    config = parse_config({"preset": "adebayo2018"})
+    assert config.tests.target_on_randomized == "recompute"
+    assert config.postprocess.ssim_data_range == 2.0
+    explicit = parse_config({"preset": "adebayo2018", "postprocess": {"ssim_data_range": 1.0}})
+    assert explicit.postprocess.ssim_data_range == 1.0  # the config's own value wins
+    assert parse_config({}).postprocess.ssim_data_range == 1.0
+
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.rand(3, 2, 24, 24, generator=generator, dtype=torch.float64).unbind(0)[:2]
+    a, b = a[None], b[None]
+    options = PostprocessOptions(ssim_data_range=2.0)
+    got = float(ReferenceScorer(a, ["ssim"], options).score(b)["ssim"].values[0])
+    x, y = (views(m, options, names={"minmax"})["minmax"][0].numpy() for m in (a, b))
+    expected = structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=True, data_range=2.0)
+    assert got == pytest.approx(expected, abs=1e-10)
+    assert got != pytest.approx(float(ReferenceScorer(a, ["ssim"], PostprocessOptions())
+                                      .score(b)["ssim"].values[0]), abs=1e-3)

@@ -302,5 +302,6 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         context=context, floor_stage=floor_stage,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,
-                                percentile=config.postprocess.percentile),
+                                percentile=config.postprocess.percentile,
+                                ssim_data_range=config.postprocess.ssim_data_range),
     )
