@@ -123,41 +123,45 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
+def _method_table(result, title: str, cell) -> Table:  # noqa: ANN001
+    """Methods × metrics, each cell ``cell(method, metric)``."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("method")
+    for metric in result.metrics:
+        table.add_column(metric, justify="right")
+    for method in result.methods:
+        table.add_row(method, *[cell(method, metric) for metric in result.metrics])
+    return table
+
+
+def _mean_cell(scores: dict) -> object:
+    """A cell function showing ``scores[(method, metric)].mean`` ("-" when absent)."""
+    return lambda method, metric: (_fmt(scores[(method, metric)].mean)
+                                   if (method, metric) in scores else "-")
+
+
 def _print_summary(result, console: Console) -> None:  # noqa: ANN001
     from saliencycheck.runner.setup import LABEL_TEST
+    from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
 
-    metrics = result.metrics
     for test, final in result.final_stage.items():
         if test == LABEL_TEST:
             _print_label_summary(result, console)
             continue
-        table = Table(title=f"{test}: similarity to the trained model's maps at the final stage "
-                            f"({final}), mean over images", title_justify="left")
-        table.add_column("method")
-        for metric in metrics:
-            table.add_column(metric, justify="right")
         rows = {(s.method, s.metric): s for s in result.summary
                 if s.test == test and s.stage_index == final}
-        for method in result.methods:
-            table.add_row(method, *[_fmt(rows[(method, m)].mean) if (method, m) in rows else "-"
-                                    for m in metrics])
-        console.print(table)
+        console.print(_method_table(
+            result, f"{test}: similarity to the trained model's maps at the final stage "
+                    f"({final}), mean over images", _mean_cell(rows)))
     for baseline, title in (
-            ("random_floor", "random-network floor: two fully random copies of the model scored "
-                             "against each other (a score near it means unrelated)"),
-            ("edge_similarity", "edge-detector similarity: the trained model's maps against "
-                                "the input's Sobel edges")):
+            (FLOOR_TEST, "random-network floor: two fully random copies of the model scored "
+                         "against each other (a score near it means unrelated)"),
+            (EDGE_TEST, "edge-detector similarity: the trained model's maps against the "
+                        "input's Sobel edges")):
         scores = {(s.method, s.metric): s for s in result.summary if s.test == baseline}
-        if not scores:
-            continue
-        table = Table(title=f"{title}, mean over images", title_justify="left")
-        table.add_column("method")
-        for metric in metrics:
-            table.add_column(metric, justify="right")
-        for method in result.methods:
-            table.add_row(method, *[_fmt(scores[(method, m)].mean) if (method, m) in scores
-                                    else "-" for m in metrics])
-        console.print(table)
+        if scores:
+            console.print(_method_table(result, f"{title}, mean over images",
+                                        _mean_cell(scores)))
     if any(math.isnan(s.mean) for s in result.summary):
         console.print("n/a: undefined for every image, e.g. a constant (all-zero) map; "
                       "report.csv says why in its note column", highlight=False)
@@ -175,21 +179,17 @@ def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001
     info = result.label_randomization
     rows = {(s.method, s.stage, s.metric): s for s in result.summary if s.test == LABEL_TEST}
     has_control = any(stage == CONTROL for _, stage, _ in rows)
-    table = Table(title="label_randomization: similarity to the trained model's maps, random-label "
-                        "model" + (" (true-label control)" if has_control else "")
-                        + ", mean over images", title_justify="left")
-    table.add_column("method")
-    for metric in result.metrics:
-        table.add_column(metric, justify="right")
-    for method in result.methods:
-        cells = []
-        for metric in result.metrics:
-            random = rows.get((method, RANDOM_LABELS, metric))
-            control = rows.get((method, CONTROL, metric))
-            cell = _fmt(random.mean) if random else "-"
-            cells.append(cell + (f" ({_fmt(control.mean)})" if control else ""))
-        table.add_row(method, *cells)
-    console.print(table)
+
+    def cell(method: str, metric: str) -> str:
+        random = rows.get((method, RANDOM_LABELS, metric))
+        control = rows.get((method, CONTROL, metric))
+        return (_fmt(random.mean) if random else "-") + (
+            f" ({_fmt(control.mean)})" if control else "")
+
+    console.print(_method_table(
+        result, "label_randomization: similarity to the trained model's maps, random-label "
+                "model" + (" (true-label control)" if has_control else "")
+                + ", mean over images", cell))
     if info is not None:
         status = ("[green]valid[/]" if info["valid"]
                   else "[bold yellow]INVALID[/] (not passed, not failed)")

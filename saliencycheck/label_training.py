@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from saliencycheck.config import LabelRandomizationConfig, TrainRecipe
@@ -29,7 +28,7 @@ from saliencycheck.data import ImageRef, load_images
 from saliencycheck.errors import ConfigError, DataError
 from saliencycheck.models import Preprocessing, load_checkpoint
 from saliencycheck.randomization import find_blocks, reinitialize_
-from saliencycheck.zoo import DIGITS_TRAIN_COUNT, digits_pixels
+from saliencycheck.zoo import DIGITS_TRAIN_COUNT, accuracy, digits_pixels, train_classifier
 
 RANDOM_LABELS = "random_labels"
 CONTROL = "control"
@@ -234,45 +233,18 @@ def _cached_or_trained(model: nn.Module, example: torch.Tensor, data: TrainingDa
 
 def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe, *,
           role: str, progress: TrainingProgress) -> int:
-    """Train in place on the model's device; stop once the eval-mode training accuracy reaches
-    ``min_train_accuracy``. Returns the epochs run."""
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(recipe.seed)
-    if recipe.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9)
+    """Train in place with the recipe on the model's device; stop once the eval-mode training
+    accuracy reaches ``min_train_accuracy``. Returns the epochs run."""
     name = "random-label model" if role == RANDOM_LABELS else "true-label control"
-    for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        total_loss, order = 0.0, torch.randperm(len(inputs), generator=generator)
-        for start in range(0, len(order), recipe.batch_size):
-            batch = order[start:start + recipe.batch_size]
-            if len(batch) < 2 and start > 0:
-                continue  # a last batch of one breaks BatchNorm in training mode
-            x, y = inputs[batch].to(device), labels[batch].to(device)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(batch)
-        fit = accuracy(model, inputs, labels)
-        progress(f"training {name}: epoch {epoch}/{recipe.epochs}, loss "
-                 f"{total_loss / len(inputs):.3f}, training accuracy {fit:.1%}")
-        if fit >= recipe.min_train_accuracy:
-            break
-    model.zero_grad(set_to_none=True)
-    return epoch
 
+    def report(epoch: int, loss: float, fit: float) -> None:
+        progress(f"training {name}: epoch {epoch}/{recipe.epochs}, loss {loss:.3f}, "
+                 f"training accuracy {fit:.1%}")
 
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Eval-mode top-1 accuracy (the model is left in eval mode)."""
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode():
-        predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu()
-                                 for chunk in inputs.split(256)])
-    return float((predictions == labels).float().mean())
+    return train_classifier(model, inputs, labels, epochs=recipe.epochs, lr=recipe.lr,
+                            batch_size=recipe.batch_size, seed=recipe.seed,
+                            optimizer=recipe.optimizer, stop_at=recipe.min_train_accuracy,
+                            on_epoch=report)
 
 
 def _num_classes(model: nn.Module, example: torch.Tensor) -> int:

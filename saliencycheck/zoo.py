@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,27 +65,56 @@ def train_classifier(
     lr: float,
     batch_size: int,
     seed: int,
-) -> nn.Module:
-    """Plain Adam training with a local generator for shuffling; returns the model in eval mode."""
+    optimizer: str = "adam",
+    stop_at: float | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> int:
+    """Train on the model's device with a local generator for shuffling; return the epochs run.
+
+    ``optimizer``: ``"adam"`` or ``"sgd"`` (momentum 0.9). With ``stop_at``, training stops
+    once the eval-mode accuracy on ``inputs`` reaches it; ``on_epoch(epoch, mean loss,
+    accuracy)`` reports each epoch (the accuracy is measured only for these two). The model
+    is handed back in eval mode with no gradients, as if loaded from a checkpoint.
+    """
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
+    if optimizer == "adam":
+        step = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        step = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total_loss, order = 0.0, torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            loss = F.cross_entropy(model(inputs[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
+            if len(batch) < 2 and start > 0:
+                continue  # a last batch of one breaks BatchNorm in training mode
+            loss = F.cross_entropy(model(inputs[batch].to(device)), labels[batch].to(device))
+            step.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-    model.zero_grad(set_to_none=True)  # hand back a clean model, as if loaded from a checkpoint
-    return model.eval()
+            step.step()
+            total_loss += float(loss.detach()) * len(batch)
+        if stop_at is None and on_epoch is None:
+            continue
+        fit = accuracy(model, inputs, labels)
+        if on_epoch is not None:
+            on_epoch(epoch, total_loss / len(inputs), fit)
+        if stop_at is not None and fit >= stop_at:
+            break
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return epoch
 
 
 def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Eval-mode top-1 accuracy on the model's device (the model is left in eval mode)."""
+    device = next(model.parameters()).device
+    model.eval()
     with torch.inference_mode():
-        predictions = torch.cat([model(chunk).argmax(1) for chunk in inputs.split(256)])
-    return float((predictions == labels).float().mean())
+        predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu()
+                                 for chunk in inputs.split(256)])
+    return float((predictions == labels.cpu()).float().mean())
 
 
 def digits_resnet18(

@@ -56,3 +56,18 @@ def test_recompute_target_explains_the_randomized_models_class(project: Path) ->
     changed = [r for r in rows if r["target"] != r["target_explained"]]
     assert changed, "randomized models predict other classes, so some targets must differ"
     assert all(r["stage_index"] != "0" for r in changed)
+
+
+def test_progress_advances_exactly_to_its_total(project: Path) -> None:  # noqa: F811
+    setup = prepare(load_config(project / "config.yaml", [
+        "runtime.batch_size=2", "runtime.chunk_size=6", "runtime.repeats=2",
+        "tests.random_logit.enabled=true", "output.figures=false"]))
+    seen = {"done": 0.0, "total": None}
+
+    def progress(steps: float, total: int, text: str) -> None:
+        seen["done"] += steps
+        seen["total"] = total
+
+    run_check(setup, progress=progress)
+    assert seen["total"] == setup.steps_per_unit * 3  # 3 units of 2 image files
+    assert seen["done"] == pytest.approx(seen["total"])

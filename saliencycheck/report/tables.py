@@ -70,9 +70,9 @@ def bootstrap_interval(values: np.ndarray, *, level: float = 0.95, resamples: in
         rows = rng.integers(0, images, (count, images, 1))
         cols = rng.integers(0, repeats, (count, 1, repeats))
         sample = values[rows, cols].reshape(count, -1)
-        with np.errstate(invalid="ignore"):
-            means.append(np.nanmean(np.where(np.isnan(sample).all(axis=1, keepdims=True),
-                                             np.nan, sample), axis=1))
+        defined_count = (~np.isnan(sample)).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # an all-undefined resample: NaN
+            means.append(np.nansum(sample, axis=1) / defined_count)
     means = np.concatenate(means)
     means = means[~np.isnan(means)]
     tail = (1 - level) / 2 * 100

@@ -135,8 +135,7 @@ class UnitExecutor:
                     top1_agreement_sum=change["top1_agreement"] * len(ids)))
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
             for group in self.groups(inputs, targets):
-                passes = setup.steps_per_unit - len(setup.label_stages)  # label: below
-                share = passes * (group.stop - group.start) / len(ids)
+                share = setup.pass_steps * (group.stop - group.start) / len(ids)
                 maps = self.group_maps(inputs[group], [targets[group]] +
                                         [e[group] for e in explained], trace,
                                         lambda done, g=group, share=share: progress(

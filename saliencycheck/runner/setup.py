@@ -102,11 +102,16 @@ class RunSetup:
         return final
 
     @property
+    def pass_steps(self) -> int:
+        """Progress steps of one unit's shared passes: the trained model and every stage of
+        every randomization test, each repeat."""
+        return 1 + sum(len(s) for s in self.stages.values()) * self.config.runtime.repeats
+
+    @property
     def steps_per_unit(self) -> int:
-        """Progress steps of one work unit: the trained model, every stage of every test, and
-        each model of the label randomization test."""
-        stages = sum(len(s) for s in self.stages.values()) * self.config.runtime.repeats
-        return 1 + stages + len(self.label_stages) + self.config.tests.random_logit.enabled
+        """Progress steps of one work unit: the shared passes, then each model of the label
+        randomization test and the random logit test, which run passes of their own."""
+        return self.pass_steps + len(self.label_stages) + self.config.tests.random_logit.enabled
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
