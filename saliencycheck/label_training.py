@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saliencycheck.atomic import atomic_write, atomic_write_text
 from saliencycheck.config import LabelRandomizationConfig, TrainRecipe
 from saliencycheck.data import ImageRef, load_images
 from saliencycheck.errors import ConfigError, DataError
@@ -224,10 +225,10 @@ def _cached_or_trained(model: nn.Module, example: torch.Tensor, data: TrainingDa
                          heldout_accuracy=accuracy(trained, data.heldout_inputs,
                                                    data.heldout_labels))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(trained.state_dict(), tmp)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written checkpoint
-    meta.write_text(json.dumps(asdict(report) | {"cached": False}, indent=2), encoding="utf-8")
+    # Atomic, checkpoint before its report: an interrupted run never leaves a half-written
+    # model, and Slurm array tasks training the same model at once never corrupt the cache.
+    atomic_write(path, lambda tmp: torch.save(trained.state_dict(), tmp))
+    atomic_write_text(meta, json.dumps(asdict(report) | {"cached": False}, indent=2))
     return trained, report
 
 

@@ -1,17 +1,22 @@
 """The result store: each finished work unit is written atomically, as data, at once.
 
 Reports, summaries and figures are all computed from what is stored here, so an interrupted
-run loses at most the unit in flight.
+run loses at most the unit in flight. Next to the units: ``plan.json`` (the config, images and
+unit plan they belong to, see :mod:`saliencycheck.runner.manifest`), ``context.json`` (what
+every unit shares: the label randomization models' report, the precision fidelity) and
+``shards-<N>`` markers left by ``--shard I/N`` runs, so a merge can name the missing shards.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from saliencycheck.atomic import TMP_SUFFIX, atomic_write, atomic_write_text
 
 ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
               "metric", "value", "note", "repeat")
@@ -65,10 +70,9 @@ class UnitResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) unreadable
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+PLAN = "plan.json"
+CONTEXT = "context.json"
+SHARD_MARKER = "shards-"
 
 
 class ResultStore:
@@ -79,21 +83,61 @@ class ResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> None:
-        for path in self.root.glob("unit-*"):
-            path.unlink()
+        """Forget every unit, the plan, the context and shard markers (a fresh run)."""
+        for pattern in ("unit-*", PLAN, CONTEXT, SHARD_MARKER + "*", ".*" + TMP_SUFFIX):
+            for path in self.root.glob(pattern):
+                path.unlink()
+
+    def unit_ids(self) -> set[str]:
+        """The ids of the finished units."""
+        return {p.stem for p in self.root.glob("unit-*.json")}
+
+    def read_plan(self) -> dict | None:
+        path = self.root / PLAN
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def write_plan(self, plan: dict) -> None:
+        atomic_write_text(self.root / PLAN, json.dumps(plan, indent=1, sort_keys=True))
+
+    def context(self) -> dict:
+        path = self.root / CONTEXT
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def write_context(self, context: dict) -> None:
+        atomic_write_text(self.root / CONTEXT, json.dumps(context, indent=1, sort_keys=True))
+
+    def mark_shards(self, count: int) -> None:
+        """Record that the units were split into ``count`` shards (any shard may write it)."""
+        (self.root / f"{SHARD_MARKER}{count}").touch()
+
+    def shard_counts(self) -> list[int]:
+        return sorted(int(p.name.removeprefix(SHARD_MARKER))
+                      for p in self.root.glob(SHARD_MARKER + "*"))
+
+    def adopt(self, other: ResultStore) -> list[str]:
+        """Copy the finished units this store lacks from ``other``; return their ids."""
+        copied = sorted(other.unit_ids() - self.unit_ids())
+        for unit_id in copied:
+            npz = other.root / f"{unit_id}.npz"
+            if npz.is_file():  # maps first: a unit's .json says it is complete
+                atomic_write(self.root / npz.name, lambda tmp, src=npz: shutil.copyfile(src, tmp))
+            src = other.root / f"{unit_id}.json"
+            atomic_write(self.root / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        for count in other.shard_counts():
+            self.mark_shards(count)
+        return copied
 
     def save(self, result: UnitResult) -> None:
         if result.figure_maps:
             def write_npz(tmp: Path) -> None:
                 with tmp.open("wb") as fh:
                     np.savez_compressed(fh, **result.figure_maps)
-            _atomic_write(self.root / f"{result.unit_id}.npz", write_npz)
+            atomic_write(self.root / f"{result.unit_id}.npz", write_npz)
         payload = {"unit_id": result.unit_id,
                    "rows": [asdict(r) for r in result.rows],
                    "stages": [asdict(s) for s in result.stages],
                    "skipped": result.skipped}
-        _atomic_write(self.root / f"{result.unit_id}.json",
-                      lambda tmp: tmp.write_text(json.dumps(payload), encoding="utf-8"))
+        atomic_write_text(self.root / f"{result.unit_id}.json", json.dumps(payload))
 
     def load(self) -> StoredResults:
         """Rows, stage observations and skipped images of every finished unit."""
