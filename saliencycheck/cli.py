@@ -7,6 +7,7 @@ The only module that prints or chooses exit codes: 0 success, 1 a configured che
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +39,8 @@ SetOption = Annotated[
 
 
 def fail(exc: SaliencyCheckError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                      soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
 
 
@@ -56,18 +59,30 @@ def run(config: ConfigArg, overrides: SetOption = None,
             "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")] = None,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")] = False,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Keep the units already stored in the output folder and run only "
+            "the rest; refused when they come from another config.")] = False,
+        shard: Annotated[str | None, typer.Option(
+            "--shard", metavar="I/N", help="Run only shard I of N (0-based) into the shared "
+            "output folder, without a report (then `saliencycheck merge`). Default in a Slurm "
+            "array job: from SLURM_ARRAY_TASK_ID, _MIN, _STEP and _COUNT.",
+            show_default=False)] = None,
         ) -> None:
     """Run the configured sanity checks and write reports and figures.
 
     Exit code 1 when a method named in fail_on fails a test with a threshold."""
     from saliencycheck.runner import prepare, run_check
+    from saliencycheck.runner.run import run_shard
+    from saliencycheck.runner.shards import parse_shard, shard_from_env
 
     if output is not None:
         overrides = [*(overrides or []), f"output.dir={output.resolve()}"]
+    part = None
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         warnings.showwarning = _show_warning
         try:
+            part = parse_shard(shard) if shard is not None else shard_from_env(os.environ)
             loaded = load_config(config, overrides)
             with console.status("loading model and images"):
                 setup = prepare(loaded)
@@ -82,13 +97,41 @@ def run(config: ConfigArg, overrides: SetOption = None,
                 def advance(steps: int, total: int, text: str) -> None:
                     bar.update(task, advance=steps, total=total, description=text)
 
-                result = run_check(setup, progress=advance, retrain=retrain)
+                if part is not None:
+                    done = run_shard(setup, part, progress=advance, retrain=retrain)
+                else:
+                    result = run_check(setup, progress=advance, retrain=retrain, resume=resume)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted:[/] finished work units are saved and the "
-                              "reports were written from them")
+            err_console.print("[bold red]interrupted:[/] finished work units are saved" + (
+                "; run the shard again to finish it" if part is not None else
+                " and the reports were written from them; --resume finishes the run"))
             raise typer.Exit(code=130) from None
+    if part is not None:
+        _print_shard(done)
+        return
+    _show_result(result, junit=junit, as_json=as_json)
+
+
+def _print_shard(done) -> None:  # noqa: ANN001
+    """What a shard stored, and what is left to do."""
+    out = done.output_dir.resolve()
+    console.print(f"shard {done.shard}: {done.units_stored} of its {done.units_shard} units "
+                  f"stored in {out / 'units'} ({done.units_run} run now)", highlight=False)
+    if done.units_missing:
+        console.print(f"{done.units_missing} units of the whole run are not stored yet; once "
+                      f"every shard is done: saliencycheck merge {out}", highlight=False)
+    else:
+        console.print(f"every unit of the run is stored: saliencycheck merge {out}",
+                      highlight=False)
+
+
+def _show_result(result, *, junit: Path | None, as_json: bool) -> None:  # noqa: ANN001
+    """Print what a run or merge found, write the JUnit file, exit 1 if the gate fails."""
+    if result.units_resumed:
+        err_console.print(f"resumed: {result.units_resumed} of {result.units_total} units were "
+                          "already stored", highlight=False)
     if result.fidelity:
         shown = ", ".join(f"{label} {value:.3f}" for label, value in result.fidelity.items())
         err_console.print(f"[yellow]precision {result.precision}:[/] abs-Spearman of the trained "
@@ -211,6 +254,41 @@ def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001
     else:
         console.print("[green]check passed[/]: no method named in fail_on failed",
                       highlight=False)
+
+
+@app.command()
+def merge(
+    folders: Annotated[list[Path], typer.Argument(
+        help="Output folders whose stored units to merge (shards of one run).",
+        show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the merged units and report here (default: the first "
+        "folder).")] = None,
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="Write the report even when units are missing (run.json "
+        "counts them).")] = False,
+    junit: Annotated[Path | None, typer.Option(
+        "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")] = False,
+) -> None:
+    """Merge the units stored by shards into the report, summary, verdicts and figures.
+
+    Exit code 2 naming the missing shards when units are missing; 1 as for run."""
+    from saliencycheck.runner.merge import merge_outputs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        warnings.showwarning = _show_warning
+        try:
+            with console.status("merging"):
+                result = merge_outputs(folders, output=output, allow_partial=allow_partial)
+        except SaliencyCheckError as exc:
+            raise fail(exc) from None
+    if result.interrupted:
+        err_console.print(f"[yellow]partial:[/] {result.units_done} of {result.units_total} "
+                          "units merged", highlight=False)
+    _show_result(result, junit=junit, as_json=as_json)
 
 
 @app.command()

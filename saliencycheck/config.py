@@ -294,8 +294,31 @@ class RuntimeConfig(Section):
             "exact; the run then reports each method's Spearman against fp32 maps."
         ),
     )
-
-
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="Where work units run: 'local' (this process; with several visible GPUs "
+        "and device auto, one worker process per GPU) or 'ray' (Ray workers on a local or "
+        "existing cluster; pip install 'saliencycheck[ray]').",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With backend ray: the cluster to join (e.g. 'auto', or "
+        "'ray://head:10001'); default the RAY_ADDRESS environment variable, else Ray starts "
+        "on this machine.",
+    )
+    gpus_per_task: float | None = Field(
+        None, ge=0,
+        description="With backend ray: GPUs each Ray worker holds (fractions share a GPU, e.g. "
+        "0.5); default 1 when the cluster has GPUs and device is not cpu, else 0.",
+    )
+    cpus_per_task: float = Field(
+        1.0, gt=0, description="With backend ray: CPUs each Ray worker holds."
+    )
+    max_retries: int = Field(
+        2, ge=0,
+        description="With backend ray: how often a failed unit (a crashed worker, a lost node, "
+        "a CUDA or I/O error) is retried before the run stops.",
+    )
 
 
 class Threshold(Section):

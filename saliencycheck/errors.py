@@ -23,3 +23,11 @@ class ModelError(SaliencyCheckError):
 
 class MethodError(SaliencyCheckError):
     """An attribution method cannot be applied to this model (e.g. no ReLU to modify)."""
+
+
+class UsageError(SaliencyCheckError):
+    """A command-line option or environment variable (--shard, SLURM_ARRAY_*) is invalid."""
+
+
+class StoreError(SaliencyCheckError):
+    """An output folder's stored units cannot be resumed or merged (another config, missing)."""

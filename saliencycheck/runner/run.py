@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from saliencycheck.data import load_images
+from saliencycheck.errors import StoreError
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
@@ -34,9 +35,12 @@ from saliencycheck.report.tables import (
     write_stages,
     write_summary,
 )
-from saliencycheck.runner.executor import UnitExecutor, figure_key, safe_name
-from saliencycheck.runner.plan import plan_units
+from saliencycheck.runner.backends import choose_backend
+from saliencycheck.runner.executor import figure_key, safe_name
+from saliencycheck.runner.manifest import check_same_run, manifest
+from saliencycheck.runner.plan import WorkUnit, plan_units
 from saliencycheck.runner.setup import LABEL_TEST, LOGIT_TEST, RunSetup, first_readable
+from saliencycheck.runner.shards import Shard
 from saliencycheck.runner.store import ResultStore
 from saliencycheck.verdicts import (
     FLOOR_TEST,
@@ -71,6 +75,7 @@ class RunResult:
     label_randomization: dict | None = None  # validity and the models' accuracies
     verdicts: list[Verdict] = field(default_factory=list)
     failures: list[Verdict] = field(default_factory=list)  # FAIL verdicts fail_on counts
+    units_resumed: int = 0  # already stored when the run started (--resume)
 
     @property
     def interrupted(self) -> bool:
@@ -89,38 +94,99 @@ def package_versions() -> dict[str, str]:
 
 
 def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None,
-              retrain: bool = False) -> RunResult:
+              retrain: bool = False, resume: bool = False) -> RunResult:
     """Execute every work unit, storing each at once, then write reports and figures.
 
+    With ``resume``, the units already stored for the same plan are kept and skipped (a
+    stored plan of another config raises StoreError); without it the store starts empty.
     With the label randomization test, its models are trained first (or loaded: from the
     checkpoints, or from the cache in the output folder unless ``retrain``). On
     KeyboardInterrupt the outputs are written from the units already stored, then the
     interrupt propagates, so nothing computed is lost.
     """
     started = time.perf_counter()
-    out = setup.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out)
-    store.clear()
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
-    fidelity = precision_fidelity(setup)
-    total = setup.steps_per_unit * len(units)
-    progress(0, total, "starting")
-    label_models = obtain_models(setup, retrain=retrain,
-                                 progress=lambda text: progress(0, total, text))
-    label_info = label_models.as_json() if label_models else None
-    executor = UnitExecutor(setup, label_models)
+    store = open_store(setup, units, keep=resume, fix="run without --resume to start afresh, "
+                       "or set output.dir to another folder")
     try:
-        for unit in units:
-            store.save(executor.run(unit, lambda n, text: progress(n, total, text)))
+        ran = execute(setup, store, units, progress=progress, retrain=retrain)
     except KeyboardInterrupt:
         write_outputs(setup, store, units_total=len(units),
-                      timings={"compute_s": time.perf_counter() - started},
-                      label_randomization=label_info)
+                      timings={"compute_s": time.perf_counter() - started})
         raise
-    compute_s = time.perf_counter() - started
-    return write_outputs(setup, store, units_total=len(units), timings={"compute_s": compute_s},
-                         fidelity=fidelity, label_randomization=label_info)
+    result = write_outputs(setup, store, units_total=len(units),
+                           timings={"compute_s": time.perf_counter() - started})
+    return replace(result, units_resumed=len(units) - ran)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard did; the report is written by `merge` once every shard is done."""
+
+    output_dir: Path
+    shard: Shard
+    units_run: int
+    units_stored: int  # of this shard, including those of earlier attempts
+    units_shard: int
+    units_missing: int  # of the whole plan, every shard
+
+
+def run_shard(setup: RunSetup, shard: Shard, *, progress: Progress = lambda *_: None,
+              retrain: bool = False) -> ShardResult:
+    """Run this shard's units that are not stored yet, into the shared output folder.
+
+    Shards always keep what is stored (a resubmitted array task picks up where it stopped)
+    and never write the report: `merge` does, from every shard's units.
+    """
+    units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
+    store = open_store(setup, units, keep=True, fix="delete its units/ folder (or set "
+                       "output.dir to another folder) before the array job starts")
+    store.mark_shards(shard.count)
+    mine = shard.units(units)
+    ran = execute(setup, store, mine, progress=progress, retrain=retrain)
+    stored = store.unit_ids()
+    return ShardResult(output_dir=setup.output_dir, shard=shard, units_run=ran,
+                       units_stored=sum(u.id in stored for u in mine), units_shard=len(mine),
+                       units_missing=sum(u.id not in stored for u in units))
+
+
+def open_store(setup: RunSetup, units: list[WorkUnit], *, keep: bool, fix: str) -> ResultStore:
+    """The output folder's store, holding this run's plan: emptied, or (``keep``) checked to
+    hold units of the same plan; ``fix`` tells the user what to do when it does not."""
+    store = ResultStore(setup.output_dir)
+    plan = manifest(setup, units)
+    stored = store.read_plan() if keep else None
+    if stored is not None:
+        check_same_run(stored, plan, where=setup.output_dir, fix=fix)
+        return store
+    if keep and store.unit_ids():
+        raise StoreError(f"{store.root} holds units without a plan.json (from an older "
+                         f"saliencycheck), so they cannot be checked; {fix}")
+    if not keep:
+        store.clear()
+    store.write_plan(plan)
+    return store
+
+
+def execute(setup: RunSetup, store: ResultStore, units: list[WorkUnit], *, progress: Progress,
+            retrain: bool) -> int:
+    """Run the ``units`` not stored yet on the configured backend, storing each as it
+    finishes; record what every unit shares (label models, fidelity). Returns how many ran."""
+    backend = choose_backend(setup)
+    stored = store.unit_ids()
+    todo = [unit for unit in units if unit.id not in stored]
+    total = setup.steps_per_unit * len(todo)
+    resumed = f"{len(units) - len(todo)} of {len(units)} units already stored; " if stored else ""
+    progress(0, total, resumed + "starting")
+    label_models = obtain_models(setup, retrain=retrain,
+                                 progress=lambda text: progress(0, total, text))
+    store.write_context({
+        "label_randomization": label_models.as_json() if label_models else None,
+        "fidelity": precision_fidelity(setup) if todo else store.context().get("fidelity", {}),
+    })
+    backend.run(todo, label_models=label_models, save=store.save,
+                progress=lambda n, text: progress(n, total, text))
+    return len(todo)
 
 
 def obtain_models(setup: RunSetup, *, retrain: bool,
@@ -155,12 +221,14 @@ def precision_fidelity(setup: RunSetup) -> dict[str, float]:
 
 
 def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
-                  timings: dict[str, float], fidelity: dict[str, float] | None = None,
-                  label_randomization: dict | None = None) -> RunResult:
+                  timings: dict[str, float]) -> RunResult:
     """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
     started = time.perf_counter()
     out = setup.output_dir
     stored = store.load()
+    context = store.context()
+    fidelity = context.get("fidelity") or {}
+    label_randomization = context.get("label_randomization")
     rows = stored.rows
     write_report(out / "report.csv", rows)
     runtime = setup.config.runtime
@@ -186,10 +254,10 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
             verdict_heatmap(out / "figures" / "verdicts.png", verdicts)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
-                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity or {},
+                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
                    label_randomization=label_randomization)
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
-                     precision=setup.context.precision, fidelity=fidelity or {},
+                     precision=setup.context.precision, fidelity=fidelity,
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
                      units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
