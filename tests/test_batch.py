@@ -51,7 +51,7 @@ LABEL_TEST = {"label_randomization": {"train": {"data": "digits", "limit": 10, "
                                                "control": False}}}
 
 
-def write_project(root: Path, *, images: int = 6, **sections: dict) -> Path:
+def write_project(root: Path, *, images: int = 4, **sections: dict) -> Path:
     """Images and a small config (two methods, the cascading and random logit tests, no
     figures; ``sections`` add to or replace its sections) under root."""
     folder = root / "images"
@@ -66,7 +66,7 @@ def write_project(root: Path, *, images: int = 6, **sections: dict) -> Path:
         "methods": ["gradient"],
         "tests": {"random_logit": {"enabled": True}},
         "metrics": ["spearman_abs", "ssim"],
-        "baselines": {"edges": False},
+        "baselines": {"edges": False, "random_floor": False},
         "runtime": {"device": "cpu", "batch_size": 1, "bootstrap": 100},
         "output": {"dir": "out", "figures": False, "figure_images": 1},
     }
@@ -107,12 +107,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path,
         stderr = process.communicate()[1].decode()
     assert process.returncode == -signal.SIGKILL, stderr
     stored = sorted(p.name for p in units.glob("unit-*.json"))
-    assert 1 <= len(stored) < 6, "killed after the first unit, long before the sixth"
+    assert 1 <= len(stored) < 4, "killed after the first unit, long before the last"
     assert not (tmp_path / "out" / "report.csv").exists()
 
     result = run_cli("run", config, "--resume")
     assert result.exit_code == 0, result.output
-    assert f"resumed: {len(stored)} of 6 units were already stored" in result.output
+    assert f"resumed: {len(stored)} of 4 units were already stored" in result.output
     assert report(tmp_path / "out") == report(reference)
     assert (tmp_path / "out" / "summary.csv").read_bytes() == \
         (reference / "summary.csv").read_bytes()
@@ -128,7 +128,7 @@ def test_resume_refuses_units_of_another_config(tmp_path: Path) -> None:
     # Where units run changes no score: resuming on another backend or device is allowed.
     result = run_cli("run", config, "--resume", "--set", "runtime.max_retries=0")
     assert result.exit_code == 0, result.output
-    assert "resumed: 6 of 6 units were already stored" in result.output
+    assert "resumed: 4 of 4 units were already stored" in result.output
 
 
 def test_shards_merged_give_the_report_of_one_run(tmp_path: Path, reference: Path,
@@ -144,13 +144,12 @@ def test_shards_merged_give_the_report_of_one_run(tmp_path: Path, reference: Pat
         monkeypatch.setenv(name, value)
     result = run_cli("run", config)
     assert result.exit_code == 0, result.output
-    assert "shard 2/3: 2 of its 2 units stored" in result.output
+    assert "shard 2/3: 1 of its 1 units stored" in result.output
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
 
     result = run_cli("merge", out)
     assert result.exit_code == 2
-    assert "shards 1/3 have not finished: 2 of 6 units missing (unit-00001, unit-00004)" \
-        in result.output
+    assert "shards 1/3 have not finished: 1 of 4 units missing (unit-00001)" in result.output
     assert not (out / "report.csv").exists()
 
     assert run_cli("run", config, "--shard", "1/3").exit_code == 0
@@ -161,7 +160,7 @@ def test_shards_merged_give_the_report_of_one_run(tmp_path: Path, reference: Pat
     assert "PASS" in (out / "verdicts.csv").read_text()
     assert (out / "figures" / "img0" / "cascading.png").is_file()
     info = json.loads((out / "run.json").read_text())
-    assert (info["units_done"], info["units_total"]) == (6, 6)
+    assert (info["units_done"], info["units_total"]) == (4, 4)
 
 
 def test_merge_of_several_folders_and_its_refusals(tmp_path: Path, reference: Path) -> None:
@@ -177,8 +176,8 @@ def test_merge_of_several_folders_and_its_refusals(tmp_path: Path, reference: Pa
     assert result.exit_code == 2 and "shards 1/2 have not finished" in result.output
     result = run_cli("merge", tmp_path / "s0", "--allow-partial")
     assert result.exit_code == 0, result.output
-    assert "partial: 3 of 6 units merged" in result.output
-    assert json.loads((tmp_path / "s0" / "run.json").read_text())["units_done"] == 3
+    assert "partial: 2 of 4 units merged" in result.output
+    assert json.loads((tmp_path / "s0" / "run.json").read_text())["units_done"] == 2
 
     result = run_cli("merge", tmp_path / "images")
     assert result.exit_code == 2 and "no units/plan.json" in result.output

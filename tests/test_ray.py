@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from saliencycheck.errors import ConfigError
 from saliencycheck.runner.ray_backend import gpus_per_task, import_ray, worker_count
 from tests.test_batch import LABEL_TEST, ROOT, report, run_cli, write_project
+from tests.test_cli import tiny_cnn
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +26,40 @@ def local_ray():  # noqa: ANN201
     ray.shutdown()
 
 
+def crashing_cnn(num_classes: int = 10, *, marker: str) -> nn.Module:
+    """`tiny_cnn` whose first forward of a 2-image batch (only units have them, never the
+    driver's 1-image probe) kills its process, once: the marker file says it happened."""
+    model = tiny_cnn(num_classes)
+
+    def crash_once(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if inputs[0].shape[0] == 2 and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+
+    model.register_forward_pre_hook(crash_once)
+    return model
+
+
 def test_ray_backend_gives_the_report_of_the_local_backend(local_ray,  # noqa: ANN001
                                                            tmp_path: Path) -> None:
-    """With the label randomization test: its models, trained on the driver, go to the
-    workers."""
-    config = write_project(tmp_path, tests={"random_logit": {"enabled": True}, **LABEL_TEST})
-    result = run_cli("run", config, "-o", tmp_path / "local")
-    assert result.exit_code == 0, result.output
+    """Even when a worker crashes mid-run (Ray restarts it and retries its unit); with the
+    label randomization test, whose models the driver trains and ships to the workers."""
+    marker = tmp_path / "crashed"
+    config = write_project(
+        tmp_path, tests={"random_logit": {"enabled": True}, **LABEL_TEST},
+        runtime={"batch_size": 2},
+        model={"factory": "tests.test_ray:crashing_cnn", "factory_kwargs": {"marker": str(marker)}})
     result = run_cli("run", config, "--set", "runtime.backend=ray")
+    assert result.exit_code == 0, result.output
+    assert marker.exists(), "a worker must have crashed"
+    result = run_cli("run", config, "-o", tmp_path / "local")  # the marker exists: no crash
     assert result.exit_code == 0, result.output
     assert report(tmp_path / "out") == report(tmp_path / "local")
     assert "label_randomization" in report(tmp_path / "out").decode()
     # Resume works with Ray too: everything stored, nothing runs again.
     result = run_cli("run", config, "--resume", "--set", "runtime.backend=ray")
     assert result.exit_code == 0, result.output
-    assert "resumed: 6 of 6 units were already stored" in result.output
+    assert "resumed: 2 of 2 units were already stored" in result.output
     assert report(tmp_path / "out") == report(tmp_path / "local")
 
 

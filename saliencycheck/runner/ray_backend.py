@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from types import ModuleType
 
 from saliencycheck.errors import ConfigError, SaliencyCheckError
 from saliencycheck.label_training import LabelModels
+from saliencycheck.runner.backends import Save, UnitProgress
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
 from saliencycheck.runner.store import UnitResult
@@ -23,7 +25,7 @@ from saliencycheck.runner.worker import WorkerSpec, build_executor
 RETRIED = (RuntimeError, OSError)  # CUDA errors (out of memory among them) and I/O hiccups
 
 
-def import_ray():  # noqa: ANN201  (the optional module)
+def import_ray() -> ModuleType:
     try:
         import ray
     except ImportError:
@@ -69,8 +71,8 @@ class RayBackend:
         self.setup = setup
         self.ray = import_ray()
 
-    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save,  # noqa: ANN001
-            progress) -> None:  # noqa: ANN001
+    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save: Save,
+            progress: UnitProgress) -> None:
         if not units:
             return
         ray = self.ray
@@ -85,7 +87,8 @@ class RayBackend:
             if started:
                 ray.shutdown()
 
-    def _run(self, ray, units, label_models, save, progress) -> None:  # noqa: ANN001
+    def _run(self, ray: ModuleType, units: list[WorkUnit], label_models: LabelModels | None,
+             save: Save, progress: UnitProgress) -> None:
         runtime = self.setup.config.runtime
         resources = ray.cluster_resources()
         gpus = gpus_per_task(runtime.gpus_per_task, device=runtime.device,
@@ -102,7 +105,7 @@ class RayBackend:
         progress(0, f"ray: {count} workers ({gpus:g} GPU, {runtime.cpus_per_task:g} CPU each)")
         pending, running = deque(units), {}
 
-        def submit(worker) -> None:  # noqa: ANN001
+        def submit(worker: object) -> None:
             unit = pending.popleft()
             ref = worker.run.options(retry_exceptions=list(RETRIED)).remote(unit)
             running[ref] = (unit, worker)
@@ -121,7 +124,7 @@ class RayBackend:
                 submit(worker)
 
 
-def _result(ray, ref) -> UnitResult:  # noqa: ANN001
+def _result(ray: ModuleType, ref: object) -> UnitResult:
     """The unit's result; a config or data error inside a worker is raised as itself."""
     try:
         return ray.get(ref)
