@@ -260,7 +260,7 @@ def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001
 def merge(
     folders: Annotated[list[Path], typer.Argument(
         help="Output folders whose stored units to merge (shards of one run).",
-        show_default=False)],
+        metavar="OUTPUT_DIR", show_default=False)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the merged units and report here (default: the first "
         "folder).")] = None,
