@@ -76,7 +76,8 @@ def _metric_grid(metrics: list[str]):
 def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
     ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_title(metric, fontsize=9)
-    ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+    if metric != "entropy_rise":  # similarities are bounded; the entropy rise is not
+        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
 
 
 def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
@@ -120,7 +121,7 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
 
 
 def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                    title: str) -> None:
+                    title: str, ylabel: str = "similarity to trained map") -> None:
     """Each metric, one group of bars per method: one bar per compared model (the stages of
     ``test`` after the trained one), mean with its 95 % CI as an error bar. For tests whose
     stages are alternatives, not a sequence (label randomization: random labels, control)."""
@@ -142,7 +143,7 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
         ax.set_xticks(np.arange(len(methods)))
         ax.set_xticklabels(methods, rotation=70, fontsize=6)
     for row in axes:
-        row[0].set_ylabel("similarity to trained map", fontsize=8)
+        row[0].set_ylabel(ylabel, fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle(f"{title} (mean and 95 % CI over images)", fontsize=10)
