@@ -126,7 +126,7 @@ def _fmt(value: float) -> str:
 def _method_table(result, title: str, cell) -> Table:  # noqa: ANN001
     """Methods × metrics, each cell ``cell(method, metric)``."""
     table = Table(title=title, title_justify="left")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for metric in result.metrics:
         table.add_column(metric, justify="right")
     for method in result.methods:
@@ -146,7 +146,9 @@ def _floor_cell(scores: dict) -> object:
         row = scores.get((method, metric))
         if row is None:
             return "-"
-        return _fmt(row.mean) + ("" if math.isnan(row.floor) else f" Δ{_fmt(row.above_floor)}")
+        if math.isnan(row.above_floor):
+            return _fmt(row.mean)
+        return f"{_fmt(row.mean)}\n[dim]Δ{_fmt(row.above_floor)}[/]"  # two lines: stays narrow
     return cell
 
 

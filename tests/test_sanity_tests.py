@@ -268,3 +268,31 @@ def test_summary_carries_the_floor_next_to_each_score(project) -> None:
         assert float(r["floor"]) == pytest.approx(floor)
         assert float(r["above_floor"]) == pytest.approx(float(r["mean"]) - floor)
     assert all(r["floor"] in ("", "nan") for r in summary if r["test"] == "random_floor")
+
+
+def test_compare_knows_which_scores_must_stay_high(tmp_path: Path) -> None:
+    from saliencycheck.compare import compare_runs
+    from saliencycheck.report.tables import SUMMARY_FIELDS
+
+    def run(folder: str, means: dict[tuple[str, str], float]) -> Path:
+        out = tmp_path / folder
+        out.mkdir()
+        with (out / "summary.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for (test, metric), mean in means.items():
+                writer.writerow({"method": "gradient", "test": test, "stage_index": 1,
+                                 "stage": "s", "metric": metric, "mean": mean})
+        return out
+
+    before = run("before", {("cascading", "spearman"): 0.1, ("input_invariance", "spearman"): 0.99,
+                            ("entropy_mprt", "entropy_rise"): 0.3, ("entropy_mprt", "entropy"): 4.0,
+                            ("random_floor", "spearman"): 0.2})
+    after = run("after", {("cascading", "spearman"): 0.0, ("input_invariance", "spearman"): 0.80,
+                          ("entropy_mprt", "entropy_rise"): 0.1, ("entropy_mprt", "entropy"): 5.0,
+                          ("random_floor", "spearman"): 0.5})
+    result = compare_runs(before, after, tolerance=0.05)
+    assert {(c.test, c.metric) for c in result.regressions} == {
+        ("input_invariance", "spearman"), ("entropy_mprt", "entropy_rise")}
+    assert {(c.test, c.metric) for c in result.improvements} == {("cascading", "spearman")}
+    assert result.compared == 3  # the floor and the raw entropy describe, they do not judge

@@ -236,7 +236,7 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
                                           setup.preprocessing)[0]}
-    floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
+    floors = {(s.method, s.metric): s for s in summary if s.test == FLOOR_TEST}
     for test, names in setup.stage_names.items():
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
