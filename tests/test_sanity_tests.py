@@ -296,3 +296,43 @@ def test_compare_knows_which_scores_must_stay_high(tmp_path: Path) -> None:
         ("input_invariance", "spearman"), ("entropy_mprt", "entropy_rise")}
     assert {(c.test, c.metric) for c in result.improvements} == {("cascading", "spearman")}
     assert result.compared == 3  # the floor and the raw entropy describe, they do not judge
+
+
+@pytest.mark.parametrize(("builder", "size"), [
+    ("resnet18", 32), ("mobilenet_v3_small", 32), ("squeezenet1_1", 48),
+    ("efficientnet_b0", 32), ("densenet121", 32), ("vit_b_16", 32),
+])
+def test_the_first_layer_of_torchvision_models_compensates_exactly(builder: str,
+                                                                   size: int) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    options = {"image_size": size} if builder.startswith("vit") else {}
+    model = torchvision.models.get_model(builder, num_classes=10, **options).eval()
+    if builder == "vit_b_16":  # its head starts at zero: give the logits something to show
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    # float64: in float32, (x + Δ) − Δ differs from x by rounding, which can flip a ReLU or
+    # max-pool tie (SqueezeNet's gradients then differ by 1.6 % in norm); the construction
+    # itself must be exact
+    model = model.double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    shift = pixel_shift(-1.0, [0.229, 0.224, 0.225], x)
+    layer = first_layer(model, x)
+    rows = (x + shift).requires_grad_()
+    with compensated(model, layer, shift):
+        out = model(rows)
+        (grad,) = torch.autograd.grad(out[:, 3].sum(), rows)
+    reference_rows = x.clone().requires_grad_()
+    reference = model(reference_rows)
+    (reference_grad,) = torch.autograd.grad(reference[:, 3].sum(), reference_rows)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-8, atol=1e-10)
+
+
+def test_inception_with_transform_input_is_refused_with_the_reason() -> None:
+    import torchvision
+
+    model = torchvision.models.inception_v3(num_classes=10, aux_logits=False,
+                                            transform_input=True, init_weights=False).eval()
+    with pytest.raises(ConfigError, match="does not receive the model's input"):
+        first_layer(model, torch.randn(1, 3, 75, 75))
