@@ -8,7 +8,7 @@ and the README reference are generated from them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from saliencycheck.errors import ConfigError
+from saliencycheck.suggest import did_you_mean, not_one_of
 
 
 class Section(BaseModel):
@@ -529,6 +530,41 @@ def format_location(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (also behind ``| None``), or None for plain values."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a section accepts, for the section holding the last part of ``loc``."""
+    model: type[BaseModel] | None = Config
+    parts = list(loc[:-1])
+    while parts and model is not None:
+        field = model.model_fields.get(parts.pop(0))
+        if field is None:
+            return []
+        if get_origin(field.annotation) is dict:  # thresholds.<test>: skip the key
+            model = _section_class(get_args(field.annotation)[1])
+            if parts:
+                parts.pop(0)
+        else:
+            model = _section_class(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _explain(error: dict[str, Any]) -> str:
+    """A pydantic error as one line for the user, with a did-you-mean for mistyped names."""
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        keys = _keys_at(tuple(error["loc"]))
+        valid = f"; valid keys here: {', '.join(keys)}" if keys else ""
+        return f"unknown key {key!r}{did_you_mean(key, keys)}{valid}"
+    return not_one_of(error) or error["msg"].removeprefix("Value error, ")
+
+
 def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
     """Validate a mapping into a `Config`; raise `ConfigError` naming file and YAML path."""
     if data is None:
@@ -540,7 +576,7 @@ def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = format_location(tuple(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
+        message = _explain(first)
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         if not first["loc"]:  # a rule across sections: its message names the fields
             raise ConfigError(f"{source}: {message}{more}") from None
