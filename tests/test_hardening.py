@@ -3,8 +3,10 @@ YAML path and the fix, never a traceback. The corpus is generated here, not down
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -254,3 +256,71 @@ def test_checkpoints_of_the_wrong_model_name_the_mismatch(tmp_path: Path, corpus
     _one_line_error(runner.invoke(app, ["validate",
                                         str(_model_config(tmp_path, "truncated.pt"))]),
                     "model.weights: cannot load checkpoint", "truncated.pt")
+
+
+# --- numerics -----------------------------------------------------------------------------
+
+
+class NanModel(torch.nn.Module):
+    """A model whose outputs are NaN (as after an overflow)."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3))) * float("nan")
+
+
+class DeadBranchModel(torch.nn.Module):
+    """Its first convolution runs but does not reach the output: randomizing it changes
+    nothing, which the run must flag rather than report as a perfect pass."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.head(x)).amax(dim=(2, 3)) + 0 * self.conv(x).mean()
+
+
+def test_a_model_with_non_finite_outputs_exits_2(tmp_path: Path, corpus: Path) -> None:
+    path = _config(tmp_path, model={"factory": "tests.test_hardening:NanModel"})
+    _one_line_error(runner.invoke(app, ["run", str(path)]),
+                    "model: its outputs on", "are not finite (NaN or inf)", "model.weights")
+
+
+def test_non_finite_raw_maps_score_nan_with_the_reason() -> None:
+    from saliencycheck.metrics import ReferenceScorer
+    from saliencycheck.postprocess import PostprocessOptions
+
+    reference = torch.rand(3, 3, 16, 16)
+    candidate = torch.rand(3, 3, 16, 16)
+    candidate[1, 0, 2, 2] = float("inf")
+    reference[2, 1, 0, 0] = float("nan")
+    scores = ReferenceScorer(reference, ["spearman_abs", "ssim"], PostprocessOptions()).score(
+        candidate)
+    for score in scores.values():
+        assert math.isfinite(score.values[0]) and score.reasons[0] == ""
+        assert math.isnan(score.values[1]) and "(candidate)" in score.reasons[1]
+        assert math.isnan(score.values[2]) and "(reference)" in score.reasons[2]
+        assert "non-finite" in score.reasons[1]
+
+
+def test_a_stage_that_leaves_the_logits_unchanged_is_flagged(tmp_path: Path,
+                                                             corpus: Path) -> None:
+    path = _config(tmp_path, model={"factory": "tests.test_hardening:DeadBranchModel"},
+                   tests={"cascading": {"enabled": True, "order": "bottom_up"}})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "out" / "report.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_stage = {r["stage"]: r["note"] for r in rows if r["test"] == "cascading"}
+    assert "logits unchanged by this stage" in by_stage["conv"]
+    assert "logits unchanged" not in by_stage["head"]
+    with (tmp_path / "out" / "stages.csv").open(newline="") as fh:
+        stages = {r["stage"]: r for r in csv.DictReader(fh)}
+    # bottom-up, the head runs first: adding conv to the cascade moves nothing further
+    assert stages["conv"]["logit_relative_l2"] == stages["head"]["logit_relative_l2"]

@@ -49,6 +49,10 @@ from saliencycheck.verdicts import (
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 REPEAT_SEED_STEP = 1000  # repeat r randomizes with runtime.seed + 1000·r (the floor: +1, +2)
+CUMULATIVE_TESTS = ("cascading", SMOOTH_TEST)  # each stage adds blocks to the last one's
+UNCHANGED_LOGITS = 1e-7  # relative L2 change of the logits at or below which a stage is flagged
+UNCHANGED_NOTE = ("logits unchanged by this stage: the randomized block does not reach the "
+                  "output, so the score says nothing about the method")
 
 
 def figure_key(image: str, test: str, method: str) -> str:
@@ -120,6 +124,8 @@ class UnitExecutor:
         self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
                            for k in (1, 2)] if setup.floor_stage else []
         self._trace: CallTrace | None = None
+        self._unchanged: set[tuple[str, int, int]] = set()  # this unit's stages that did not
+        # move the logits: (test, stage index, repeat)
 
     def _enter(self, ref: _StageRef | None) -> nn.Module:
         options = self._options if ref is None or ref.seed is None \
@@ -150,8 +156,16 @@ class UnitExecutor:
             explained = [stage_logits[i].argmax(dim=1)
                          if setup.config.tests.target_on_randomized == "recompute" else targets
                          for i in range(len(self.stages))]
+            self._unchanged = set()
+            previous: dict[tuple[str, int], torch.Tensor] = {}  # per (test, repeat)
             for ref, z in zip(self.stages, stage_logits):
                 change = logit_change(logits, z)  # means over this unit's images
+                # what this stage itself randomized: cumulative tests add to the last stage
+                before = previous.get((ref.test, ref.repeat), logits) \
+                    if ref.test in CUMULATIVE_TESTS else logits
+                if logit_change(before, z)["relative_l2"] <= UNCHANGED_LOGITS:
+                    self._unchanged.add((ref.test, ref.stage.index, ref.repeat))
+                previous[(ref.test, ref.repeat)] = z
                 result.stages.append(StageObservation(
                     test=ref.test, stage_index=ref.stage.index, n=len(ids),
                     relative_l2_sum=change["relative_l2"] * len(ids),
@@ -476,6 +490,8 @@ class UnitExecutor:
                 repeat: int = 0) -> None:
         setup = self.setup
         note = self._label_note if test == LABEL_TEST else ""
+        if (test, stage_index, repeat) in self._unchanged:
+            note = UNCHANGED_NOTE
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, method_scores in scores.items():
             for metric, score in method_scores.items():

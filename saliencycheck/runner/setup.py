@@ -23,7 +23,7 @@ from saliencycheck.data import (
     load_images,
     read_labels,
 )
-from saliencycheck.errors import ConfigError, DataError, SaliencyCheckError
+from saliencycheck.errors import ConfigError, DataError, ModelError, SaliencyCheckError
 from saliencycheck.invariance import first_layer
 from saliencycheck.label_training import CONTROL, RANDOM_LABELS
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
@@ -292,6 +292,10 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
             f"model: forward pass failed on a {pre.size}x{pre.size} image "
             f"({str(exc).splitlines()[0][:160]}); check images.size and the model"
         ) from None
+    if not logits.isfinite().all():
+        raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
+                         "so every map and score would be undefined; check model.weights and "
+                         "the model's forward")
     num_classes = logits.shape[-1]
     target = config.images.target
     if isinstance(target, int) and target >= num_classes:
