@@ -475,10 +475,11 @@ class Config(Section):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         """A preset fills the keys it names unless the config sets them itself."""
-        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+        preset = data.get("preset") if isinstance(data, dict) else None
+        if not isinstance(preset, str) or preset not in PRESETS:
             return data
         merged = dict(data)
-        for section, values in PRESETS[data["preset"]].items():
+        for section, values in PRESETS[preset].items():
             given = merged.get(section) or {}
             if isinstance(given, dict):
                 merged[section] = {**values, **given}
