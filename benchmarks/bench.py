@@ -183,7 +183,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             targets = targets_of(setup.model)
             trace = executor.prefix_trace(inputs[:1])
             for group in executor.groups(inputs, targets):
-                executor.group_maps(inputs[group], [targets[group]] * (1 + len(executor.stages)),
+                executor.group_maps(inputs[group], [targets[group]] * (1 + len(executor.pass_refs)),
                                     trace, progress=lambda done: None)
 
         def run_naive(limit: int | None = None) -> None:

@@ -169,7 +169,7 @@ def _fmt(value: float) -> str:
 def _method_table(result, title: str, cell) -> Table:  # noqa: ANN001
     """Methods × metrics, each cell ``cell(method, metric)``."""
     table = Table(title=title, title_justify="left")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for metric in result.metrics:
         table.add_column(metric, justify="right")
     for method in result.methods:
@@ -183,19 +183,38 @@ def _mean_cell(scores: dict) -> object:
                                    if (method, metric) in scores else "-")
 
 
+def _floor_cell(scores: dict) -> object:
+    """Like :func:`_mean_cell`, with the distance above the random-network floor (Δ)."""
+    def cell(method: str, metric: str) -> str:
+        row = scores.get((method, metric))
+        if row is None:
+            return "-"
+        if math.isnan(row.above_floor):
+            return _fmt(row.mean)
+        return f"{_fmt(row.mean)}\n[dim]Δ{_fmt(row.above_floor)}[/]"  # two lines: stays narrow
+    return cell
+
+
 def _print_summary(result, console: Console) -> None:  # noqa: ANN001
-    from saliencycheck.runner.setup import LABEL_TEST
+    from saliencycheck.runner.setup import ENTROPY_TEST, LABEL_TEST
     from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
 
+    floor = any(s.test == FLOOR_TEST for s in result.summary)
     for test, final in result.final_stage.items():
         if test == LABEL_TEST:
             _print_label_summary(result, console)
             continue
+        if test == ENTROPY_TEST:
+            _print_entropy_summary(result, console)
+            continue
         rows = {(s.method, s.metric): s for s in result.summary
                 if s.test == test and s.stage_index == final}
+        shows_floor = floor and any(not math.isnan(s.floor) for s in rows.values())
         console.print(_method_table(
             result, f"{test}: similarity to the trained model's maps at the final stage "
-                    f"({final}), mean over images", _mean_cell(rows)))
+                    f"({final}), mean over images"
+                    + ("; Δ: above the random-network floor" if shows_floor else ""),
+            _floor_cell(rows)))
     for baseline, title in (
             (FLOOR_TEST, "random-network floor: two fully random copies of the model scored "
                          "against each other (a score near it means unrelated)"),
@@ -211,6 +230,25 @@ def _print_summary(result, console: Console) -> None:  # noqa: ANN001
     console.print(f"outputs in {result.output_dir.resolve()} (report.csv, summary.csv, stages.csv, "
                   f"figures/, run.json); compute {result.timings.get('compute_s', 0):.1f} s",
                   highlight=False)
+
+
+def _print_entropy_summary(result, console: Console) -> None:  # noqa: ANN001
+    """eMPRT: each method's map entropy on the trained and the fully randomized model, and
+    the relative rise (higher: the map reacts more to the randomization)."""
+    from saliencycheck.config import ENTROPY_RISE
+    from saliencycheck.runner.setup import ENTROPY_TEST
+    from saliencycheck.verdicts import ENTROPY
+
+    rows = {(s.method, s.stage_index, s.metric): s.mean for s in result.summary
+            if s.test == ENTROPY_TEST}
+    table = Table(title="entropy_mprt: histogram entropy of the maps (nats), mean over images",
+                  title_justify="left")
+    for column in ("method", "trained", "fully randomized", "relative rise"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method in result.methods:
+        table.add_row(method, *[_fmt(rows.get(key, math.nan)) for key in (
+            (method, 0, ENTROPY), (method, 1, ENTROPY), (method, 1, ENTROPY_RISE))])
+    console.print(table)
 
 
 def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001

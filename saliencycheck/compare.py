@@ -4,7 +4,10 @@ In a sanity check, a higher similarity to the trained model's maps after randomi
 worse: the method became less sensitive to the model. So a regression is a mean similarity
 (summary.csv, any method × test × randomized stage × metric) that rose by more than the
 tolerance, a verdict that went from PASS to FAIL (verdicts.csv), or a score the baseline had
-and the new run lacks. Falls are listed as improvements.
+and the new run lacks. Falls are listed as improvements. Two scores point the other way and
+regress when they *fall*: input invariance's similarity (the map should not change) and eMPRT's
+entropy rise. The random-network floor and eMPRT's raw entropies describe, they do not judge:
+they are not compared.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from pathlib import Path
 from saliencycheck.errors import DataError
 
 Key = tuple[str, str, int, str]  # method, test, stage_index, metric
+HIGHER_IS_BETTER = {("input_invariance", None), ("entropy_mprt", "entropy_rise")}
+NOT_JUDGED = {("random_floor", None), ("entropy_mprt", "entropy")}
+
+
+def _worse_when(test: str, metric: str) -> int:
+    """+1: a rise is a regression; −1: a fall is; 0: not compared (a description)."""
+    if {(test, None), (test, metric)} & NOT_JUDGED:
+        return 0
+    return -1 if {(test, None), (test, metric)} & HIGHER_IS_BETTER else 1
 
 
 @dataclass(frozen=True)
@@ -73,22 +85,25 @@ def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Compa
     regressions, improvements, compared = [], [], 0
     for key, (stage, old) in sorted(before.items()):
         method, test, _, metric = key
+        direction = _worse_when(test, metric)
+        if not direction:
+            continue
         if key not in after:
             regressions.append(Change(method, test, stage, metric, f"{old:.3f}", "missing",
                                       None))
             continue
         value = after[key][1]
         if math.isnan(old) or math.isnan(value):
-            if math.isnan(old) != math.isnan(value):  # defined in one run only: say so
+            if math.isnan(old) != math.isnan(value):  # defined in one run only: look at it
                 (regressions if math.isnan(old) else improvements).append(
                     Change(method, test, stage, metric, f"{old:.3f}", f"{value:.3f}", None))
             continue
         compared += 1
         delta = value - old
         change = Change(method, test, stage, metric, f"{old:.3f}", f"{value:.3f}", delta)
-        if delta > tolerance:
+        if delta * direction > tolerance:
             regressions.append(change)
-        elif delta < -tolerance:
+        elif delta * direction < -tolerance:
             improvements.append(change)
     old_verdicts, new_verdicts = _verdicts(baseline), _verdicts(new)
     for key, row in sorted(old_verdicts.items()):

@@ -8,7 +8,7 @@ and the README reference are generated from them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from saliencycheck.errors import ConfigError
+from saliencycheck.suggest import did_you_mean, not_one_of
 
 
 class Section(BaseModel):
@@ -200,6 +201,51 @@ class CompletenessConfig(Section):
     )
 
 
+class InputInvarianceConfig(Section):
+    enabled: bool = Field(
+        False, description="Input invariance (Kindermans et al. 2017): add a constant to every "
+        "pixel, compensate it in the first layer so the logits stay unchanged (checked), and "
+        "compare the maps; a reliable method's map does not change.",
+    )
+    shift: float = Field(
+        -1.0, description="The constant added to every pixel, in the image's [0, 1] scale "
+        "before normalisation (Kindermans et al.: -1, MNIST moved from [0, 1] to [-1, 0]).",
+    )
+
+    @field_validator("shift")
+    @classmethod
+    def _nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("a shift of 0 changes nothing; give a nonzero constant, e.g. -1")
+        return value
+
+
+class SmoothMprtConfig(Section):
+    enabled: bool = Field(
+        False, description="Smooth MPRT (sMPRT, Hedström et al. 2023): cascading "
+        "randomization with every map averaged over noisy copies of the input first.",
+    )
+    samples: int = Field(50, ge=2, description="Noisy copies per image; the last is noise-free.")
+    noise: float = Field(
+        0.1, gt=0, description="Noise standard deviation as a fraction of each image's range "
+        "(max - min).",
+    )
+    granularity: Literal["block", "layer"] = Field("block", description="As for cascading.")
+    order: Literal["top_down", "bottom_up"] = Field(
+        "bottom_up", description="Order of the cascade (the authors recommend bottom_up)."
+    )
+
+
+class EntropyMprtConfig(Section):
+    enabled: bool = Field(
+        False, description="Efficient MPRT (eMPRT, Hedström et al. 2023): the relative rise "
+        "of each map's histogram entropy from the trained to the fully randomized model "
+        "(higher: more sensitive). Two model states, so no order applies; the randomized "
+        "model is the cascading test's last stage, shared when cascading runs.",
+    )
+    bins: int = Field(100, ge=2, description="Equal-width histogram bins per map.")
+
+
 class TestsConfig(Section):
     cascading: CascadingConfig = Field(
         default_factory=CascadingConfig, description="Cascading test."
@@ -212,6 +258,15 @@ class TestsConfig(Section):
     )
     completeness: CompletenessConfig = Field(
         default_factory=CompletenessConfig, description="Completeness test."
+    )
+    input_invariance: InputInvarianceConfig = Field(
+        default_factory=InputInvarianceConfig, description="Input invariance test."
+    )
+    smooth_mprt: SmoothMprtConfig = Field(
+        default_factory=SmoothMprtConfig, description="Smooth MPRT test."
+    )
+    entropy_mprt: EntropyMprtConfig = Field(
+        default_factory=EntropyMprtConfig, description="Efficient (entropy) MPRT test."
     )
     label_randomization: LabelRandomizationConfig | None = Field(
         None, description="Label (data) randomization test: compare with a model trained on "
@@ -238,6 +293,7 @@ class TestsConfig(Section):
 
 
 METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
+ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained map)) / H(trained)
 
 
 class PostprocessConfig(Section):
@@ -322,10 +378,11 @@ class RuntimeConfig(Section):
 
 
 class Threshold(Section):
-    """When a method passes a test: its similarity at one stage must stay low enough."""
+    """When a method passes a test: its score at one stage must stay low (randomization
+    tests) or high (input invariance, entropy rise) enough."""
 
-    metric: Literal["spearman_abs", "spearman", "ssim", "hog", "pearson"] = Field(
-        description="The metric judged (must be listed in metrics)."
+    metric: Literal["spearman_abs", "spearman", "ssim", "hog", "pearson", "entropy_rise"] = Field(
+        description="The metric judged (must be listed in metrics; entropy_mprt: entropy_rise)."
     )
     stage: Literal["final"] | Annotated[int, Field(ge=1)] | str = Field(
         "final",
@@ -339,13 +396,17 @@ class Threshold(Section):
         None, description="Or pass if that bound is ≤ the random-network floor + this margin "
         "(needs baselines.random_floor)."
     )
+    min: float | None = Field(
+        None, description="Or pass if the lower confidence bound of the mean is ≥ min (for "
+        "scores that must stay high: input_invariance, entropy_mprt)."
+    )
 
     @model_validator(mode="after")
     def _has_bound(self) -> Threshold:
-        if (self.max is None) == (self.max_above_floor is None):
+        if sum(bound is not None for bound in (self.max, self.max_above_floor, self.min)) != 1:
             raise ValueError("give one of max: (the highest similarity a passing method may "
-                             "keep) or max_above_floor: (a margin above the random-network "
-                             "floor)")
+                             "keep), max_above_floor: (a margin above the random-network "
+                             "floor) or min: (the lowest score that passes)")
         return self
 
 
@@ -413,7 +474,8 @@ class Config(Section):
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Reference scores shown next to the tests'."
     )
-    thresholds: dict[Literal["cascading", "independent", "label_randomization", "random_logit"],
+    thresholds: dict[Literal["cascading", "independent", "label_randomization", "random_logit",
+                             "input_invariance", "smooth_mprt", "entropy_mprt"],
                      Threshold] = Field(
         default_factory=dict,
         description="Per test, the verdict rule: e.g. {cascading: {metric: spearman, stage: "
@@ -436,10 +498,11 @@ class Config(Section):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         """A preset fills the keys it names unless the config sets them itself."""
-        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+        preset = data.get("preset") if isinstance(data, dict) else None
+        if not isinstance(preset, str) or preset not in PRESETS:
             return data
         merged = dict(data)
-        for section, values in PRESETS[data["preset"]].items():
+        for section, values in PRESETS[preset].items():
             given = merged.get(section) or {}
             if isinstance(given, dict):
                 merged[section] = {**values, **given}
@@ -455,7 +518,11 @@ class Config(Section):
             if threshold.max_above_floor is not None and not self.baselines.random_floor:
                 raise ValueError(f"thresholds.{test}.max_above_floor needs the random-network "
                                  "floor; set baselines.random_floor: true or use max:")
-            if threshold.metric not in self.metrics:
+            if (test == "entropy_mprt") != (threshold.metric == ENTROPY_RISE):
+                raise ValueError(f"thresholds.{test}.metric: entropy_mprt is judged by "
+                                 f"{ENTROPY_RISE} and only it; use {ENTROPY_RISE} there and a "
+                                 "similarity metric elsewhere")
+            if test != "entropy_mprt" and threshold.metric not in self.metrics:
                 raise ValueError(f"thresholds.{test}.metric: {threshold.metric!r} is not "
                                  f"computed; add it to metrics: {list(self.metrics)}")
         return self
@@ -487,6 +554,41 @@ def format_location(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (also behind ``| None``), or None for plain values."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a section accepts, for the section holding the last part of ``loc``."""
+    model: type[BaseModel] | None = Config
+    parts = list(loc[:-1])
+    while parts and model is not None:
+        field = model.model_fields.get(parts.pop(0))
+        if field is None:
+            return []
+        if get_origin(field.annotation) is dict:  # thresholds.<test>: skip the key
+            model = _section_class(get_args(field.annotation)[1])
+            if parts:
+                parts.pop(0)
+        else:
+            model = _section_class(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _explain(error: dict[str, Any]) -> str:
+    """A pydantic error as one line for the user, with a did-you-mean for mistyped names."""
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        keys = _keys_at(tuple(error["loc"]))
+        valid = f"; valid keys here: {', '.join(keys)}" if keys else ""
+        return f"unknown key {key!r}{did_you_mean(key, keys)}{valid}"
+    return not_one_of(error) or error["msg"].removeprefix("Value error, ")
+
+
 def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
     """Validate a mapping into a `Config`; raise `ConfigError` naming file and YAML path."""
     if data is None:
@@ -498,7 +600,7 @@ def parse_config(data: Any, *, source: str | Path = "<config>") -> Config:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = format_location(tuple(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
+        message = _explain(first)
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         if not first["loc"]:  # a rule across sections: its message names the fields
             raise ConfigError(f"{source}: {message}{more}") from None

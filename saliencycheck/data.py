@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,48 @@ def make_transform(pre: Preprocessing) -> T.Compose:
     ])
 
 
+MIN_SIDE = 8  # pixels: a smaller image carries no map worth comparing
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be used; the message is the reason shown and recorded."""
+
+
+def read_rgb(path: Path) -> Image.Image | torch.Tensor:
+    """Decode an image fully and convert it to RGB: 8-bit modes through PIL (grayscale,
+    palette, CMYK; alpha dropped, as torchvision's loaders do), 16-bit and float grayscale to a
+    float (3, H, W) tensor in [0, 1] without losing precision. Raises :class:`UnreadableImage`
+    with the reason for files that are not images, are empty, truncated or corrupt, declare
+    more pixels than PIL's decompression-bomb limit, or are smaller than ``MIN_SIDE``."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: truncated and corrupt files fail here
+                if min(img.size) < MIN_SIDE:
+                    raise UnreadableImage(f"{img.size[0]}x{img.size[1]} px is too small to "
+                                          f"explain (at least {MIN_SIDE} px a side)")
+                if img.mode in SIXTEEN_BIT or img.mode == "F":
+                    scale = 1.0 if img.mode == "F" else 65535.0
+                    gray = torch.from_numpy(np.asarray(img, dtype=np.float32) / scale)
+                    return gray.clamp(0, 1).expand(3, -1, -1).contiguous()
+                if img.mode == "P":  # through RGBA: palette transparency stays well defined
+                    return img.convert("RGBA").convert("RGB")
+                return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image PIL can read (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(f"refused as a possible decompression bomb ({exc})".splitlines()[0]
+                              ) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
+        raise UnreadableImage(f"cannot decode it ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt data'})"
+                              ) from None
+
+
 def load_images(
     refs: list[ImageRef], pre: Preprocessing
 ) -> tuple[list[ImageRecord], list[SkippedImage]]:
@@ -97,11 +140,9 @@ def load_images(
     records, skipped = [], []
     for ref in refs:
         try:
-            with Image.open(ref.path) as img:
-                rgb = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            skipped.append(SkippedImage(ref.path, reason))
+            rgb = read_rgb(ref.path)
+        except UnreadableImage as exc:
+            skipped.append(SkippedImage(ref.path, str(exc)))
             continue
         pixels = transform(rgb)
         records.append(ImageRecord(

@@ -334,6 +334,7 @@ class ReferenceScorer:
         self.options = options
         self.shape = reference_maps.shape
         self.reference = views(reference_maps, options, names={s.view for s in self.specs})
+        self.finite = reference_maps.flatten(1).isfinite().all(dim=1)
 
     def score(self, candidate_maps: Tensor) -> dict[str, Scores]:
         """Each metric's scores of raw (N, C, H, W) candidates against the reference."""
@@ -343,9 +344,19 @@ class ReferenceScorer:
                 f"vs {tuple(candidate_maps.shape)}"
             )
         candidate = views(candidate_maps, self.options, names=self.reference.keys())
-        return {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view],
-                                   **_metric_options(spec.name, self.options))
-                for spec in self.specs}
+        scores = {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view],
+                                     **_metric_options(spec.name, self.options))
+                  for spec in self.specs}
+        # The views clip and rescale, which would hide NaN/inf in the raw maps (e.g. a model
+        # whose outputs overflow): such pairs are undefined, and say so.
+        bad = _side_reasons(~self.finite, ~candidate_maps.flatten(1).isfinite().all(dim=1),
+                            "non-finite values in the raw map")
+        if any(bad):
+            mask = torch.tensor([bool(r) for r in bad], device=self.finite.device)
+            scores = {name: Scores(score.values.masked_fill(mask, float("nan")),
+                                   tuple(r or old for r, old in zip(bad, score.reasons)))
+                      for name, score in scores.items()}
+        return scores
 
 
 def _metric_options(name: str, options: PostprocessOptions) -> dict[str, float]:

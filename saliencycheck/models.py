@@ -14,6 +14,7 @@ from torch import nn
 from saliencycheck.config import ModelConfig
 from saliencycheck.errors import ConfigError, ModelError
 from saliencycheck.imports import import_callable
+from saliencycheck.suggest import did_you_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +46,9 @@ def _builder(name: str) -> Callable[..., nn.Module]:
         known = sorted(torchvision.models.list_models(module=torchvision.models))
         close = [n for n in known if n.startswith(name[:4])][:6] or known[:6]
         raise ConfigError(
-            f"model.name: unknown torchvision model {name!r}; try one of {', '.join(close)} "
-            "(full list: torchvision.models.list_models())"
+            f"model.name: unknown torchvision model {name!r}{did_you_mean(name, known)}; "
+            f"torchvision has e.g. {', '.join(close)} (full list: "
+            "torchvision.models.list_models())"
         ) from None
 
 
@@ -213,9 +215,12 @@ def get_submodule(model: nn.Module, path: str, *, field: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
+        paths = [n for n, _ in model.named_modules() if n]
         names = [n for n, _ in model.named_children()]
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-3:]
+        hint = f"; its last convolutions are {', '.join(convs)}" if convs else ""
         raise ModelError(
-            f"{field}: the model has no module {path!r}; use a dotted module path; the top-level "
-            f"modules are {shown}"
+            f"{field}: the model has no module {path!r}{did_you_mean(path, paths)}; use a dotted "
+            f"module path; the top-level modules are {shown}{hint}"
         ) from None

@@ -1,10 +1,12 @@
 """Verdicts: PASS / FAIL / INVALID per method × test, from the summary and the thresholds.
 
-A method passes a test when its maps stop resembling the trained model's maps: the upper
-bound of the confidence interval of its mean similarity at the judged stage must not exceed
-the threshold's ``max``. A test that could not be judged (the random-label model never
-memorised its labels, or the metric is undefined for every image) is INVALID: neither passed
-nor failed. The CI gate fails when a method listed in ``fail_on`` fails.
+A method passes a randomization test when its maps stop resembling the trained model's maps:
+the upper bound of the confidence interval of its mean similarity at the judged stage must not
+exceed the threshold's ``max``. Scores that must stay high (input invariance's similarity,
+eMPRT's entropy rise) pass when the lower bound reaches the threshold's ``min``. A test that
+could not be judged (the random-label model never memorised its labels, the input shift was not
+compensated, or the metric is undefined for every image) is INVALID: neither passed nor failed.
+The CI gate fails when a method listed in ``fail_on`` fails.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from xml.etree import ElementTree
 
 from saliencycheck.config import Threshold
 from saliencycheck.errors import ConfigError
+from saliencycheck.report.tables import FLOOR_TEST
 
 if TYPE_CHECKING:  # the report package imports the runner, which imports this module
     from saliencycheck.report.tables import SummaryRow
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
-FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
 EDGE_TEST = "edge_similarity"  # summary rows of the edge-detector baseline (not a test)
 COMPLETENESS_TEST = "completeness"
 COMPLETENESS_METRIC = "relative_error"
+ENTROPY = "entropy"  # eMPRT's per-map histogram entropy (its score is config.ENTROPY_RISE)
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
-                  "ci_high", "max", "floor", "verdict", "reason")
+                  "ci_high", "max", "floor", "verdict", "reason", "min")
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,11 @@ class Verdict:
     statistic: float  # mean similarity over images at the stage
     ci_low: float
     ci_high: float
-    max: float  # the limit applied: the threshold's max, or the floor + max_above_floor
+    max: float  # the upper limit applied: the threshold's max, or floor + max_above_floor
     floor: float  # the random-network floor's mean for this method and metric (NaN: none)
     verdict: str
     reason: str
+    min: float = math.nan  # the lower limit applied: the threshold's min (NaN: none)
 
 
 def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> int:
@@ -80,30 +84,34 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             mean, low, high = ((row.mean, row.ci_low, row.ci_high) if row
                                else (math.nan, math.nan, math.nan))
             floor = floors.get((method, threshold.metric), math.nan)
-            limit = threshold.max if threshold.max is not None \
-                else floor + threshold.max_above_floor
+            upper = threshold.min is None
+            limit = (threshold.min if not upper else threshold.max if threshold.max is not None
+                     else floor + threshold.max_above_floor)
             if invalid_tests and test in invalid_tests:
                 verdict, reason = INVALID, invalid_tests[test]
             elif row is None or math.isnan(mean):
                 verdict = INVALID
                 reason = (f"{threshold.metric} is undefined for every image at {stage} (e.g. "
                           "constant maps); report.csv says why")
+            elif threshold.max_above_floor is not None and math.isnan(floor):
+                verdict, reason = INVALID, (f"no random-network floor for {method} / "
+                                            f"{threshold.metric} (undefined: constant maps)")
             else:
-                bound = high if math.isfinite(high) else mean  # one image: no interval
-                what = f"upper {level:.0%} bound" if math.isfinite(high) else "mean (one score)"
-                relative = threshold.max is None
-                if relative and math.isnan(floor):
-                    verdict, reason = INVALID, (f"no random-network floor for {method} / "
-                                                f"{threshold.metric} (undefined: constant maps)")
-                else:
-                    verdict = PASS if bound <= limit else FAIL
-                    relation = "≤" if verdict == PASS else ">"
-                    rule = (f"floor {floor:.3f} + {threshold.max_above_floor}" if relative
-                            else f"max {threshold.max}")
-                    reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
-                              f"{relation} {rule}")
+                one = not math.isfinite(high)  # one image: no interval
+                bound = mean if one else high if upper else low
+                what = ("mean (one score)" if one
+                        else f"{'upper' if upper else 'lower'} {level:.0%} bound")
+                passed = bound <= limit if upper else bound >= limit
+                verdict = PASS if passed else FAIL
+                relation = ("≤" if passed else ">") if upper else ("≥" if passed else "<")
+                rule = (f"floor {floor:.3f} + {threshold.max_above_floor}"
+                        if threshold.max_above_floor is not None
+                        else f"max {threshold.max}" if upper else f"min {threshold.min}")
+                reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
+                          f"{relation} {rule}")
             verdicts.append(Verdict(method, test, threshold.metric, index, stage, mean, low,
-                                    high, limit, floor, verdict, reason))
+                                    high, limit if upper else math.nan, floor, verdict, reason,
+                                    min=math.nan if upper else limit))
     return verdicts
 
 

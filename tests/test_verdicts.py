@@ -264,8 +264,11 @@ def test_sobel_magnitude_matches_scipy() -> None:
 
 
 def test_the_same_config_gives_a_byte_identical_report(project) -> None:
-    first = _run(project, "-o", str(project / "first"))
-    second = _run(project, "-o", str(project / "second"))
+    every_test = ["--set", "tests={cascading: {enabled: true}, random_logit: {enabled: true}, "
+                  "input_invariance: {enabled: true}, entropy_mprt: {enabled: true}, "
+                  "smooth_mprt: {enabled: true, samples: 3}}"]
+    first = _run(project, "-o", str(project / "first"), *every_test)
+    second = _run(project, "-o", str(project / "second"), *every_test)
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     for name in ("report.csv", "summary.csv", "stages.csv"):
         assert (project / "first" / name).read_bytes() == (project / "second" / name).read_bytes()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext, AttributionFn
+from saliencycheck.suggest import did_you_mean, not_one_of
 
 
 class MethodParams(BaseModel):
@@ -83,7 +84,8 @@ def available_methods() -> list[MethodSpec]:
 def get_method(name: str) -> MethodSpec:
     """The spec registered as ``name``; ConfigError listing the valid names otherwise."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, _REGISTRY)}; choose one "
+                          f"of: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -121,9 +123,9 @@ def _first_error(err: ValidationError, spec: MethodSpec) -> str:
     """One line ``"<field path>: <message>"`` for the first pydantic error, with the fix."""
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "params"
-    message = " ".join(first["msg"].removeprefix("Value error, ").split())
+    message = not_one_of(first) or " ".join(first["msg"].removeprefix("Value error, ").split())
     if first["type"] == "extra_forbidden":
-        fields = spec.params.model_fields.items()
-        valid = ", ".join(info.alias or name for name, info in fields) or "no parameters"
-        message = f"unknown parameter of {spec.name}; it takes: {valid}"
+        names = [info.alias or name for name, info in spec.params.model_fields.items()]
+        message = (f"unknown parameter of {spec.name}{did_you_mean(field, names)}; it takes: "
+                   f"{', '.join(names) or 'no parameters'}")
     return f"{field}: {message}"

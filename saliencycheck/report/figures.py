@@ -76,13 +76,15 @@ def _metric_grid(metrics: list[str]):
 def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
     ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_title(metric, fontsize=9)
-    ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+    if metric != "entropy_rise":  # similarities are bounded; the entropy rise is not
+        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
 
 
 def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                      floors: dict[tuple[str, str], float] | None = None) -> None:
+                      floors: dict[tuple[str, str], SummaryRow] | None = None) -> None:
     """Each metric against the stage, one line per method: mean with its 95 % CI band, and
-    the method's random-network floor (``floors[(method, metric)]``) as a dotted line."""
+    the method's random-network floor (``floors[(method, metric)]``, its summary row) as a
+    dotted line in a faint band (its own interval)."""
     rows = [s for s in summary if s.test == test]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
     fig, axes, flat = _metric_grid(metrics)
@@ -97,8 +99,10 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
             (line,) = ax.plot(x, [s.mean for s in series], marker="o", markersize=3,
                               label=method)
             floor = (floors or {}).get((method, metric))
-            if floor is not None and np.isfinite(floor):
-                ax.axhline(floor, color=line.get_color(), linestyle=":", linewidth=1)
+            if floor is not None and np.isfinite(floor.mean):
+                ax.axhline(floor.mean, color=line.get_color(), linestyle=":", linewidth=1)
+                if np.isfinite(floor.ci_low) and np.isfinite(floor.ci_high):
+                    ax.axhspan(floor.ci_low, floor.ci_high, color=line.get_color(), alpha=0.08)
             low = [s.ci_low if np.isfinite(s.ci_low) else s.mean for s in series]
             high = [s.ci_high if np.isfinite(s.ci_high) else s.mean for s in series]
             ax.fill_between(x, low, high, alpha=0.2)
@@ -112,7 +116,7 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     fig.legend(handles, labels, fontsize=7, loc="lower right" if spare else "upper right",
                ncols=1 if spare else len(labels))
     fig.suptitle(f"{test} randomization (mean and 95 % CI over images"
-                 + ("; dotted: random-network floor)" if floors else ")"), fontsize=10)
+                 + ("; dotted, faint band: random-network floor)" if floors else ")"), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -120,7 +124,7 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
 
 
 def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                    title: str) -> None:
+                    title: str, ylabel: str = "similarity to trained map") -> None:
     """Each metric, one group of bars per method: one bar per compared model (the stages of
     ``test`` after the trained one), mean with its 95 % CI as an error bar. For tests whose
     stages are alternatives, not a sequence (label randomization: random labels, control)."""
@@ -142,7 +146,7 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
         ax.set_xticks(np.arange(len(methods)))
         ax.set_xticklabels(methods, rotation=70, fontsize=6)
     for row in axes:
-        row[0].set_ylabel("similarity to trained map", fontsize=8)
+        row[0].set_ylabel(ylabel, fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle(f"{title} (mean and 95 % CI over images)", fontsize=10)

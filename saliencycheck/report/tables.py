@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,10 @@ from saliencycheck.randomization import Stage
 from saliencycheck.runner.store import ROW_FIELDS, ScoreRow, StageObservation
 
 SUMMARY_FIELDS = ("method", "test", "stage_index", "stage", "metric", "mean", "std",
-                  "ci_low", "ci_high", "n", "n_undefined")
+                  "ci_low", "ci_high", "n", "n_undefined", "floor", "above_floor")
+FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
+# Tests whose scores compare plain maps, so the random-network floor applies to them.
+FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
 STAGE_FIELDS = ("test", "stage_index", "stage", "blocks_randomized", "parameters_randomized",
                 "num_parameters", "fraction_randomized", "logit_relative_l2", "top1_agreement")
 
@@ -32,6 +35,8 @@ class SummaryRow:
     ci_high: float
     n: int
     n_undefined: int
+    floor: float = math.nan  # the random-network floor's mean for this method and metric
+    above_floor: float = math.nan  # mean − floor: how far above unrelated networks it stays
 
 
 def _write(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
@@ -102,7 +107,17 @@ def summarize(rows: list[ScoreRow], *, level: float = 0.95, resamples: int = 200
         low, high = bootstrap_interval(table, level=level, resamples=resamples, seed=seed)
         summary.append(SummaryRow(method, test, index, stage, metric, mean, std, low, high,
                                   len(defined), int(table.size - len(defined))))
-    return summary
+    return with_floor(summary)
+
+
+def with_floor(summary: list[SummaryRow]) -> list[SummaryRow]:
+    """Each score of a test in :data:`FLOOR_TESTS` next to the random-network floor of its
+    method and metric, and its distance above it (NaN where there is no floor)."""
+    floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
+    return [replace(s, floor=floors[(s.method, s.metric)],
+                    above_floor=s.mean - floors[(s.method, s.metric)])
+            if s.test in FLOOR_TESTS and (s.method, s.metric) in floors else s
+            for s in summary]
 
 
 def write_summary(path: Path, summary: list[SummaryRow]) -> None:
@@ -110,8 +125,11 @@ def write_summary(path: Path, summary: list[SummaryRow]) -> None:
 
 
 def write_stages(path: Path, stages: dict[str, list[Stage]],
-                 observations: list[StageObservation]) -> list[dict]:
-    """stages.csv: per test and stage, what was randomized and how far the logits moved."""
+                 observations: list[StageObservation],
+                 names: dict[str, list[str]] | None = None) -> list[dict]:
+    """stages.csv: per test and stage, what was randomized and how far the logits moved;
+    with ``names`` (per test, its stage names), also the other models whose logits were
+    observed (input invariance's compensated model)."""
     pooled: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
     for o in observations:
         acc = pooled[(o.test, o.stage_index)]
@@ -135,5 +153,11 @@ def write_stages(path: Path, stages: dict[str, list[Stage]],
                 "logit_relative_l2": l2 / n if n else math.nan,
                 "top1_agreement": top1 / n if n else math.nan,
             })
+    for (test, index), (n, l2, top1) in pooled.items():
+        if test not in stages and names and test in names:
+            rows.append({"test": test, "stage_index": index, "stage": names[test][index],
+                         "blocks_randomized": "", "parameters_randomized": "",
+                         "num_parameters": 0, "fraction_randomized": 0.0,
+                         "logit_relative_l2": l2 / n, "top1_agreement": top1 / n})
     _write(path, STAGE_FIELDS, rows)
     return rows

@@ -12,30 +12,47 @@ import numpy as np
 import torch
 from torch import nn
 
+from saliencycheck.complexity import entropy_rise, histogram_entropy
+from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images
 from saliencycheck.errors import MethodError
+from saliencycheck.invariance import compensated, pixel_shift
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.baselines import make_baseline
 from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
 from saliencycheck.metrics import ReferenceScorer, Scores
-from saliencycheck.postprocess import absolute, sobel_magnitude
+from saliencycheck.postprocess import absolute, reduce_channels, sobel_magnitude
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, block_seed, logit_change
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import (
     EDGE_STAGE,
+    ENTROPY_TEST,
     FLOOR_STAGE,
+    INVARIANCE_STAGE,
+    INVARIANCE_TEST,
     LABEL_TEST,
     LOGIT_STAGE,
     LOGIT_TEST,
+    SMOOTH_TEST,
     TRAINED,
     RunSetup,
 )
 from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
-from saliencycheck.verdicts import COMPLETENESS_METRIC, COMPLETENESS_TEST, EDGE_TEST, FLOOR_TEST
+from saliencycheck.verdicts import (
+    COMPLETENESS_METRIC,
+    COMPLETENESS_TEST,
+    EDGE_TEST,
+    ENTROPY,
+    FLOOR_TEST,
+)
 
 ProgressCallback = Callable[[float, str], None]  # (steps advanced, description)
 REPEAT_SEED_STEP = 1000  # repeat r randomizes with runtime.seed + 1000·r (the floor: +1, +2)
+CUMULATIVE_TESTS = ("cascading", SMOOTH_TEST)  # each stage adds blocks to the last one's
+UNCHANGED_LOGITS = 1e-7  # relative L2 change of the logits at or below which a stage is flagged
+UNCHANGED_NOTE = ("logits unchanged by this stage: the randomized block does not reach the "
+                  "output, so the score says nothing about the method")
 
 
 def figure_key(image: str, test: str, method: str) -> str:
@@ -59,6 +76,13 @@ class _StageRef:
     stage: Stage | None
     seed: int | None = None  # a repeat's, or a floor copy's, own seed (None: the run's)
     repeat: int = 0
+
+    @property
+    def key(self) -> tuple:
+        """Refs with equal keys are the same model state (the draws are per block and seed):
+        their maps are computed once (eMPRT's model is the cascade's last stage)."""
+        blocks = frozenset(self.stage.blocks) if self.stage else frozenset()
+        return blocks, self.seed
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -94,9 +118,14 @@ class UnitExecutor:
                                  repeat=r)
                        for r in range(setup.config.runtime.repeats)
                        for test, stages in setup.stages.items() for stage in stages]
+        # sMPRT's stages run on noisy copies of the images, in passes of their own
+        self.pass_refs = [ref for ref in self.stages if ref.test != SMOOTH_TEST]
+        self.smooth_refs = [ref for ref in self.stages if ref.test == SMOOTH_TEST]
         self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
                            for k in (1, 2)] if setup.floor_stage else []
         self._trace: CallTrace | None = None
+        self._unchanged: set[tuple[str, int, int]] = set()  # this unit's stages that did not
+        # move the logits: (test, stage index, repeat)
 
     def _enter(self, ref: _StageRef | None) -> nn.Module:
         options = self._options if ref is None or ref.seed is None \
@@ -127,30 +156,45 @@ class UnitExecutor:
             explained = [stage_logits[i].argmax(dim=1)
                          if setup.config.tests.target_on_randomized == "recompute" else targets
                          for i in range(len(self.stages))]
+            self._unchanged = set()
+            previous: dict[tuple[str, int], torch.Tensor] = {}  # per (test, repeat)
             for ref, z in zip(self.stages, stage_logits):
                 change = logit_change(logits, z)  # means over this unit's images
+                # what this stage itself randomized: cumulative tests add to the last stage
+                before = previous.get((ref.test, ref.repeat), logits) \
+                    if ref.test in CUMULATIVE_TESTS else logits
+                if logit_change(before, z)["relative_l2"] <= UNCHANGED_LOGITS:
+                    self._unchanged.add((ref.test, ref.stage.index, ref.repeat))
+                previous[(ref.test, ref.repeat)] = z
                 result.stages.append(StageObservation(
                     test=ref.test, stage_index=ref.stage.index, n=len(ids),
                     relative_l2_sum=change["relative_l2"] * len(ids),
                     top1_agreement_sum=change["top1_agreement"] * len(ids)))
+            pass_explained = [e for ref, e in zip(self.stages, explained)
+                              if ref.test != SMOOTH_TEST]
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
             for group in self.groups(inputs, targets):
                 share = setup.pass_steps * (group.stop - group.start) / len(ids)
-                maps = self.group_maps(inputs[group], [targets[group]] +
-                                        [e[group] for e in explained], trace,
-                                        lambda done, g=group, share=share: progress(
-                                            done * share, f"{unit.id}: images {g.start + 1}–"
-                                            f"{g.stop} of {len(ids)}"))
+                group_explained = [e[group] for e in pass_explained]
+                maps = self.group_maps(inputs[group], [targets[group], *group_explained], trace,
+                                       lambda done, g=group, share=share: progress(
+                                           done * share, f"{unit.id}: images {g.start + 1}–"
+                                           f"{g.stop} of {len(ids)}"))
                 scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
                            for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
-                                  [e[group] for e in explained], maps, scorers)
+                                  group_explained, maps, scorers)
                 if self.floor_refs:
                     self._score_floor(result, ids[group], targets[group], maps[-2:])
                 if setup.config.tests.random_logit.enabled:
                     self._score_random_logit(result, raw_maps, ids[group], inputs[group],
                                              targets[group], logits.shape[1], scorers)
                     progress((group.stop - group.start) / len(ids), f"{unit.id}: random logit")
+                if setup.config.tests.input_invariance.enabled:
+                    self._score_input_invariance(result, raw_maps, ids[group], inputs[group],
+                                                 targets[group], logits[group], scorers)
+                    progress((group.stop - group.start) / len(ids),
+                             f"{unit.id}: input invariance")
                 if setup.config.tests.completeness.enabled:
                     self._score_completeness(result, ids[group], inputs[group], targets[group],
                                              maps[0])
@@ -162,6 +206,11 @@ class UnitExecutor:
                                              targets[group], scorers)
                     progress(len(self.label_models.models) * (group.stop - group.start)
                              / len(ids), f"{unit.id}: label randomization")
+            if self.smooth_refs:
+                self._score_smooth(result, raw_maps, ids, inputs, targets,
+                                   [e for ref, e in zip(self.stages, explained)
+                                    if ref.test == SMOOTH_TEST], trace,
+                                   lambda done, text: progress(done, f"{unit.id}: {text}"))
         finally:
             self._enter(None)
         if setup.config.output.save_maps:
@@ -186,9 +235,11 @@ class UnitExecutor:
         self._enter(None)
         return logits, stage_logits
 
-    def groups(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[slice]:
-        """Consecutive image groups whose rows (per backward rule) fill at most one pass, so
-        the per-stage maps held at once stay within one pass's worth of images."""
+    def groups(self, inputs: torch.Tensor, targets: torch.Tensor, *, copies: int = 1
+               ) -> list[slice]:
+        """Consecutive image groups whose rows (per backward rule; ``copies`` of each image)
+        fill at most one pass, so the per-stage maps held at once stay within one pass's
+        worth of images."""
         setup = self.setup
         source = RowSource.of(inputs, targets)
         rows: dict[str, dict[object, int]] = {}
@@ -200,37 +251,47 @@ class UnitExecutor:
                     rows.setdefault(request.family, {})[request.source.key] = \
                         request.source.count
         unit_rows = max((sum(keys.values()) for keys in rows.values()), default=len(inputs))
-        size = max(1, setup.context.chunk_size * len(inputs) // unit_rows)
+        size = max(1, setup.context.chunk_size * len(inputs) // (unit_rows * copies))
         return [slice(start, min(start + size, len(inputs)))
                 for start in range(0, len(inputs), size)]
 
     def group_maps(self, inputs: torch.Tensor, targets: list[torch.Tensor],
-                    trace: CallTrace | None, progress: Callable[[float], None]
-                    ) -> list[dict[str, torch.Tensor]]:
-        """Raw maps of every method for the trained model (first), each stage (``targets``:
-        one per stage, the trained model's first) and the floor's two random copies (last)."""
+                   trace: CallTrace | None, progress: Callable[[float], None],
+                   refs: list[_StageRef | None] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Raw maps of every method for each of ``refs`` (None: the trained model), explaining
+        ``targets`` (one per ref). By default the refs are the trained model, every stage of
+        the shared passes and the floor's two random copies (last; they explain the trained
+        model's targets, so ``targets`` need not list them). Refs of one model state
+        (:attr:`_StageRef.key`) with equal targets are computed once."""
         setup = self.setup
-        refs: list[_StageRef | None] = [None, *self.stages, *self.floor_refs]
-        targets = [*targets, *([targets[0]] * len(self.floor_refs))]
+        if refs is None:
+            refs = [None, *self.pass_refs, *self.floor_refs]
+            targets = [*targets, *([targets[0]] * len(self.floor_refs))]
+        unique: dict[tuple, int] = {}
+        slots = []
+        for ref, stage_targets in zip(refs, targets):
+            key = (ref.key if ref else (frozenset(), None), tuple(stage_targets.tolist()))
+            slots.append(unique.setdefault(key, len(unique)))
+        firsts = [slots.index(slot) for slot in range(len(unique))]
         plans = []
-        for stage_targets in targets:
-            source = RowSource.of(inputs, stage_targets)
+        for index in firsts:
+            source = RowSource.of(inputs, targets[index])
             plans.append({m.label: m.spec.plan(self.randomized.model, source, setup.context,
                                                **dict(m.params))
                           for m in setup.methods if m.spec.plan is not None})
-        run_staged([StageRequests(enter=partial(self._enter, ref),
+        run_staged([StageRequests(enter=partial(self._enter, refs[index]),
                                   requests=[r for plan in stage_plans.values()
                                             for r in plan.requests],
-                                  randomized=ref.modules if ref else ())
-                    for ref, stage_plans in zip(refs, plans)],
+                                  randomized=refs[index].modules if refs[index] else ())
+                    for index, stage_plans in zip(firsts, plans)],
                    setup.context, trace, progress=progress)
         maps = []
-        for ref, stage_targets, stage_plans in zip(refs, targets, plans):
-            model = self._enter(ref)
+        for index, stage_plans in zip(firsts, plans):
+            model = self._enter(refs[index])
             maps.append({m.label: stage_plans[m.label].finish() if m.label in stage_plans
-                         else m(model, inputs, stage_targets, setup.context)
+                         else m(model, inputs, targets[index], setup.context)
                          for m in setup.methods})
-        return maps
+        return [maps[slot] for slot in slots]
 
     def _score_group(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
                      ids: list[str], targets: torch.Tensor, explained: list[torch.Tensor],
@@ -239,13 +300,104 @@ class UnitExecutor:
         setup = self.setup
         identical = {label: scorer.score(maps[0][label]) for label, scorer in scorers.items()}
         for test in setup.stage_names:
-            self._record(result, raw_maps, test, 0, TRAINED, ids, targets, targets, maps[0],
-                         identical)
-        for ref, stage_explained, stage_maps in zip(self.stages, explained, maps[1:]):
-            scores = {label: scorers[label].score(candidate)
-                      for label, candidate in stage_maps.items()}
+            if test not in (SMOOTH_TEST, ENTROPY_TEST):  # they score their own trained maps
+                self._record(result, raw_maps, test, 0, TRAINED, ids, targets, targets,
+                             maps[0], identical)
+        entropy = {}
+        for ref, stage_explained, stage_maps in zip(self.pass_refs, explained, maps[1:]):
+            if ref.test == ENTROPY_TEST:
+                if not entropy:
+                    entropy = self._entropies(maps[0])
+                    self._record(result, raw_maps, ENTROPY_TEST, 0, TRAINED, ids, targets,
+                                 targets, maps[0], {label: {ENTROPY: Scores(
+                                     h, ("",) * len(ids))} for label, h in entropy.items()})
+                randomized = self._entropies(stage_maps)
+                scores = {label: {ENTROPY: Scores(h, ("",) * len(ids)),
+                                  ENTROPY_RISE: entropy_rise(entropy[label], h)}
+                          for label, h in randomized.items()}
+            else:
+                scores = {label: scorers[label].score(candidate)
+                          for label, candidate in stage_maps.items()}
             self._record(result, raw_maps, ref.test, ref.stage.index, ref.stage.name, ids,
                          targets, stage_explained, stage_maps, scores, repeat=ref.repeat)
+
+    def _entropies(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """eMPRT's complexity of each map: histogram entropy of its channel-reduced values."""
+        setup = self.setup
+        return {label: histogram_entropy(reduce_channels(m, setup.post.abs_reduction),
+                                         setup.config.tests.entropy_mprt.bins)
+                for label, m in maps.items()}
+
+    def _score_smooth(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
+                      ids: list[str], inputs: torch.Tensor, targets: torch.Tensor,
+                      explained: list[torch.Tensor], trace: CallTrace | None,
+                      progress: ProgressCallback) -> None:
+        """sMPRT: every model's maps averaged over noisy copies of each image (the last copy
+        noise-free), then scored like the cascading test; images in groups whose copies fill
+        one pass."""
+        setup = self.setup
+        copies = setup.config.tests.smooth_mprt.samples
+        refs: list[_StageRef | None] = [None, *self.smooth_refs]
+        for group in self.groups(inputs, targets, copies=copies):
+            count = group.stop - group.start
+            noisy = self._noisy_copies(ids[group], inputs[group])
+            stage_targets = [t[group].repeat_interleave(copies)
+                             for t in (targets, *explained)]
+            maps = self.group_maps(noisy, stage_targets, trace, lambda done, n=count: progress(
+                done * setup.smooth_steps * n / len(ids), "smooth MPRT"), refs=refs)
+            smoothed = [{label: m.view(count, copies, *m.shape[1:]).mean(dim=1)
+                         for label, m in stage.items()} for stage in maps]
+            scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
+                       for label, trained in smoothed[0].items()}
+            self._record(result, raw_maps, SMOOTH_TEST, 0, TRAINED, ids[group], targets[group],
+                         targets[group], smoothed[0],
+                         {label: scorer.score(smoothed[0][label])
+                          for label, scorer in scorers.items()})
+            for ref, stage_explained, stage_maps in zip(self.smooth_refs, explained,
+                                                        smoothed[1:]):
+                scores = {label: scorers[label].score(candidate)
+                          for label, candidate in stage_maps.items()}
+                self._record(result, raw_maps, SMOOTH_TEST, ref.stage.index, ref.stage.name,
+                             ids[group], targets[group], stage_explained[group], stage_maps,
+                             scores, repeat=ref.repeat)
+
+    def _noisy_copies(self, ids: list[str], inputs: torch.Tensor) -> torch.Tensor:
+        """sMPRT's copies of each image, (N·copies, C, H, W): Gaussian noise of std ``noise``
+        × the image's range, drawn from a generator seeded by the run's seed and the image id
+        (batching cannot change it); each image's last copy is the image itself."""
+        section = self.setup.config.tests.smooth_mprt
+        rows = []
+        for image, x in zip(ids, inputs):
+            generator = torch.Generator().manual_seed(
+                block_seed(self.setup.config.runtime.seed, f"{SMOOTH_TEST}/{image}"))
+            noise = torch.randn((section.samples - 1, *x.shape), generator=generator)
+            sigma = section.noise * float(x.max() - x.min())
+            rows += [x + sigma * noise.to(x.device, x.dtype), x[None]]
+        return torch.cat(rows)
+
+    def _score_input_invariance(self, result: UnitResult,
+                                raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],
+                                inputs: torch.Tensor, targets: torch.Tensor,
+                                logits: torch.Tensor, scorers: dict[str, ReferenceScorer]
+                                ) -> None:
+        """Maps of the shifted input on the model whose first layer undoes the shift, against
+        the trained maps; how far the logits moved is stored (they must not)."""
+        setup = self.setup
+        shift = pixel_shift(setup.config.tests.input_invariance.shift,
+                            setup.preprocessing.std, inputs)
+        shifted = inputs + shift
+        with compensated(self._enter(None), setup.invariance_layer, shift) as model:
+            with torch.no_grad():
+                moved = model(shifted)
+            maps = compute_maps(setup.methods, model, shifted, targets, setup.context)
+        change = logit_change(logits, moved)
+        result.stages.append(StageObservation(
+            test=INVARIANCE_TEST, stage_index=1, n=len(ids),
+            relative_l2_sum=change["relative_l2"] * len(ids),
+            top1_agreement_sum=change["top1_agreement"] * len(ids)))
+        scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
+        self._record(result, raw_maps, INVARIANCE_TEST, 1, INVARIANCE_STAGE, ids, targets,
+                     targets, maps, scores)
 
     def _score_floor(self, result: UnitResult, ids: list[str], targets: torch.Tensor,
                      copies: list[dict[str, torch.Tensor]]) -> None:
@@ -338,6 +490,8 @@ class UnitExecutor:
                 repeat: int = 0) -> None:
         setup = self.setup
         note = self._label_note if test == LABEL_TEST else ""
+        if (test, stage_index, repeat) in self._unchanged:
+            note = UNCHANGED_NOTE
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, method_scores in scores.items():
             for metric, score in method_scores.items():

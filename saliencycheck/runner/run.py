@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images
 from saliencycheck.errors import StoreError
 from saliencycheck.label_training import LabelModels, obtain_label_models
@@ -29,6 +30,7 @@ from saliencycheck.report.figures import (
     verdict_heatmap,
 )
 from saliencycheck.report.tables import (
+    FLOOR_TESTS,
     SummaryRow,
     summarize,
     write_report,
@@ -39,7 +41,15 @@ from saliencycheck.runner.backends import choose_backend
 from saliencycheck.runner.executor import figure_key, safe_name
 from saliencycheck.runner.manifest import check_same_run, manifest
 from saliencycheck.runner.plan import WorkUnit, plan_units
-from saliencycheck.runner.setup import LABEL_TEST, LOGIT_TEST, RunSetup, first_readable
+from saliencycheck.runner.setup import (
+    ENTROPY_TEST,
+    INVARIANCE_TEST,
+    LABEL_TEST,
+    LOGIT_TEST,
+    SMOOTH_TEST,
+    RunSetup,
+    first_readable,
+)
 from saliencycheck.runner.shards import Shard
 from saliencycheck.runner.store import ResultStore
 from saliencycheck.verdicts import (
@@ -54,7 +64,12 @@ from saliencycheck.verdicts import (
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
 TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
           LABEL_TEST: "label randomization (random-label model, true-label control)",
-          LOGIT_TEST: "random logit (the explained class, a random other class)"}
+          LOGIT_TEST: "random logit (the explained class, a random other class)",
+          INVARIANCE_TEST: "input invariance (shifted input, first layer compensating)",
+          SMOOTH_TEST: "smooth MPRT (maps averaged over noisy copies)",
+          ENTROPY_TEST: "efficient MPRT (relative rise of histogram entropy)"}
+BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
+INVARIANCE_TOLERANCE = 1e-4  # largest mean relative L2 change of the logits compensation keeps
 
 
 @dataclass(frozen=True)
@@ -235,12 +250,15 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     summary = summarize(rows, level=runtime.ci_level, resamples=runtime.bootstrap,
                         seed=runtime.seed)
     write_summary(out / "summary.csv", summary)
-    write_stages(out / "stages.csv", setup.stages, stored.stages)
+    write_stages(out / "stages.csv", setup.stages, stored.stages, setup.stage_names)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
     final_stage = setup.final_stage
     invalid = ({LABEL_TEST: f"invalid test: {label_randomization['reason']}"}
                if label_randomization and not label_randomization["valid"] else {})
+    invariance = invariance_check(setup, stored.stages)
+    if invariance and not invariance["valid"]:
+        invalid[INVARIANCE_TEST] = f"invalid test: {invariance['reason']}"
     verdicts = decide(summary, setup.config.thresholds, methods=[m.label for m in setup.methods],
                       stage_names=setup.stage_names, final_stage=final_stage,
                       invalid_tests=invalid, level=runtime.ci_level)
@@ -255,7 +273,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
-                   label_randomization=label_randomization)
+                   label_randomization=label_randomization, input_invariance=invariance)
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
                      precision=setup.context.precision, fidelity=fidelity,
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
@@ -265,13 +283,28 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                      failures=failures)
 
 
+def invariance_check(setup: RunSetup, observations: list) -> dict | None:
+    """Whether the first layer kept the logits of the shifted input (None: test not run)."""
+    if setup.invariance_layer is None:
+        return None
+    seen = [o for o in observations if o.test == INVARIANCE_TEST]
+    n = sum(o.n for o in seen)
+    change = sum(o.relative_l2_sum for o in seen) / n if n else float("nan")
+    valid = not change > INVARIANCE_TOLERANCE
+    return {"layer": setup.invariance_layer, "shift": setup.config.tests.input_invariance.shift,
+            "logit_relative_l2": change, "valid": valid,
+            "reason": "" if valid else (f"the compensated model's logits moved by {change:.2e} "
+                                        f"(relative L2 > {INVARIANCE_TOLERANCE}); the model "
+                                        "uses its input beyond the first layer")}
+
+
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
     figures = setup.output_dir / "figures"
     maps = store.figure_maps()
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
                                           setup.preprocessing)[0]}
-    floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
+    floors = {(s.method, s.metric): s for s in summary if s.test == FLOOR_TEST}
     for test, names in setup.stage_names.items():
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
@@ -280,17 +313,20 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
             stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
                        names,
                        title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
-        if test in (LABEL_TEST, LOGIT_TEST):  # alternatives to compare, not a sequence
-            comparison_bars(figures / f"bars_{test}.png", summary, test,
-                            list(setup.config.metrics), title=TITLES[test])
-        else:
-            similarity_curves(figures / f"curves_{test}.png", summary, test,
-                              list(setup.config.metrics), floors=floors)
+        metrics = [ENTROPY_RISE] if test == ENTROPY_TEST else list(setup.config.metrics)
+        if test in BAR_TESTS:  # alternatives to compare, not a sequence
+            comparison_bars(figures / f"bars_{test}.png", summary, test, metrics,
+                            title=TITLES[test], ylabel="rise over the trained map's entropy"
+                            if test == ENTROPY_TEST else "similarity to trained map")
+        else:  # the floor compares plain maps: not sMPRT's averaged ones
+            similarity_curves(figures / f"curves_{test}.png", summary, test, metrics,
+                              floors=floors if test in FLOOR_TESTS else {})
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
                    units_total: int, skipped: list[tuple[str, str]],
-                   fidelity: dict[str, float], label_randomization: dict | None = None) -> None:
+                   fidelity: dict[str, float], label_randomization: dict | None = None,
+                   input_invariance: dict | None = None) -> None:
     """The resolved config, versions, device, timings, skipped images, and what was run."""
     info = {
         "config_file": str(setup.source),
@@ -317,6 +353,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "stages": {test: len(stages) for test, stages in setup.stages.items()},
         "stage_table": "stages.csv",
         "label_randomization": label_randomization,
+        "input_invariance": input_invariance,
         "units_done": units_done,
         "units_total": units_total,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -23,7 +23,8 @@ from saliencycheck.data import (
     load_images,
     read_labels,
 )
-from saliencycheck.errors import ConfigError, DataError, SaliencyCheckError
+from saliencycheck.errors import ConfigError, DataError, ModelError, SaliencyCheckError
+from saliencycheck.invariance import first_layer
 from saliencycheck.label_training import CONTROL, RANDOM_LABELS
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
 from saliencycheck.methods.layers import default_layer
@@ -41,6 +42,11 @@ from saliencycheck.runner.memory import auto_chunk_size
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
+SMOOTH_TEST = "smooth_mprt"  # cascading, on maps averaged over noisy copies of the input
+ENTROPY_TEST = "entropy_mprt"
+ENTROPY_STAGE = "fully_randomized"
+INVARIANCE_TEST = "input_invariance"
+INVARIANCE_STAGE = "shifted_input"
 LABEL_TEST = "label_randomization"
 LOGIT_TEST = "random_logit"
 LOGIT_STAGE = "random_class"
@@ -68,6 +74,7 @@ class RunSetup:
     context: AttributionContext
     post: PostprocessOptions
     floor_stage: Stage | None = None  # every parameter randomized: the random-network floor
+    invariance_layer: str | None = None  # the first layer, compensating the input shift
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -90,6 +97,8 @@ class RunSetup:
             names[LABEL_TEST] = [TRAINED, *self.label_stages]
         if self.config.tests.random_logit.enabled:
             names[LOGIT_TEST] = [TRAINED, LOGIT_STAGE]
+        if self.invariance_layer is not None:
+            names[INVARIANCE_TEST] = [TRAINED, INVARIANCE_STAGE]
         return names
 
     @property
@@ -104,14 +113,25 @@ class RunSetup:
     @property
     def pass_steps(self) -> int:
         """Progress steps of one unit's shared passes: the trained model and every stage of
-        every randomization test, each repeat."""
-        return 1 + sum(len(s) for s in self.stages.values()) * self.config.runtime.repeats
+        every randomization test but sMPRT, each repeat."""
+        stages = sum(len(s) for test, s in self.stages.items() if test != SMOOTH_TEST)
+        return 1 + stages * self.config.runtime.repeats
+
+    @property
+    def smooth_steps(self) -> int:
+        """Progress steps of sMPRT's passes: each of its models, weighted by the copies."""
+        if SMOOTH_TEST not in self.stages:
+            return 0
+        stages = 1 + len(self.stages[SMOOTH_TEST]) * self.config.runtime.repeats
+        return stages * self.config.tests.smooth_mprt.samples
 
     @property
     def steps_per_unit(self) -> int:
-        """Progress steps of one work unit: the shared passes, then each model of the label
-        randomization test and the random logit test, which run passes of their own."""
-        return self.pass_steps + len(self.label_stages) + self.config.tests.random_logit.enabled
+        """Progress steps of one work unit: the shared passes, sMPRT's, then each model of the
+        label randomization, random logit and input invariance tests (passes of their own)."""
+        tests = self.config.tests
+        return (self.pass_steps + self.smooth_steps + len(self.label_stages)
+                + tests.random_logit.enabled + tests.input_invariance.enabled)
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
@@ -272,6 +292,10 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
             f"model: forward pass failed on a {pre.size}x{pre.size} image "
             f"({str(exc).splitlines()[0][:160]}); check images.size and the model"
         ) from None
+    if not logits.isfinite().all():
+        raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
+                         "so every map and score would be undefined; check model.weights and "
+                         "the model's forward")
     num_classes = logits.shape[-1]
     target = config.images.target
     if isinstance(target, int) and target >= num_classes:
@@ -287,6 +311,16 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         if section.enabled:
             blocks = find_blocks(model, example, granularity=section.granularity)
             stages[name] = plan_stages(blocks, model=model, test=name, order=section.order)
+    if tests.smooth_mprt.enabled:
+        blocks = find_blocks(model, example, granularity=tests.smooth_mprt.granularity)
+        stages[SMOOTH_TEST] = plan_stages(blocks, model=model, test="cascading",
+                                          order=tests.smooth_mprt.order)
+    if tests.entropy_mprt.enabled:  # the cascade's last model, so the passes can be shared
+        blocks = find_blocks(model, example, granularity=tests.cascading.granularity)
+        final = plan_stages(blocks, model=model, test="cascading")[-1]
+        stages[ENTROPY_TEST] = [replace(final, index=1, name=ENTROPY_STAGE)]
+    invariance_layer = (first_layer(model, example) if tests.input_invariance.enabled
+                        else None)
 
     chunk_size = config.runtime.chunk_size
     if chunk_size == "auto":
@@ -304,7 +338,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
         images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
-        context=context, floor_stage=floor_stage,
+        context=context, floor_stage=floor_stage, invariance_layer=invariance_layer,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,
                                 percentile=config.postprocess.percentile,

@@ -1,0 +1,326 @@
+"""Bad input through the CLI: every case gets its exit code and one line naming the file or
+YAML path and the fix, never a traceback. The corpus is generated here, not downloaded."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from saliencycheck.cli import app
+from saliencycheck.data import MIN_SIDE, UnreadableImage, read_rgb
+
+runner = CliRunner()
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+
+
+def _jpeg(array: np.ndarray, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# name -> (file bytes, usable?)
+CORPUS: dict[str, tuple[bytes, bool]] = {
+    "good.png": (_png(Image.fromarray(RGB)), True),
+    "corrupt.jpg": (_jpeg(RGB)[:300] + RNG.integers(0, 255, 600, dtype=np.uint8).tobytes(),
+                    False),
+    "truncated.png": (_png(Image.fromarray(RGB))[:2000], False),
+    "text.jpg": (b"hello, I am not an image", False),
+    "empty.png": (b"", False),
+    "sixteen_bit.png": (_png(Image.fromarray(
+        RNG.integers(0, 65535, (40, 40)).astype(np.uint16))), True),
+    "cmyk.jpg": (_jpeg(RGB, "CMYK"), True),
+    "palette.png": (_png(Image.fromarray(RGB).convert("P")), True),
+    "rgba.png": (_png(Image.fromarray(np.dstack([RGB, np.full((40, 40, 1), 9, np.uint8)]))),
+                 True),
+    "gray.png": (_png(Image.fromarray(RGB[..., 0])), True),
+    "one_pixel.png": (_png(Image.fromarray(RGB[:1, :1])), False),
+    "bomb.png": (_png(Image.new("1", (20000, 20000))), False),  # 400 M pixels declared
+}
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    config = {
+        "model": {"factory": "tests.test_cli:tiny_cnn", "num_classes": 4},
+        "images": {"path": "images", "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "methods": ["gradient"],
+        "tests": {"cascading": {"enabled": True}},
+        "metrics": ["spearman_abs"],
+        "baselines": {"random_floor": False, "edges": False},
+        "runtime": {"device": "cpu", "bootstrap": 100},
+        "output": {"dir": "out", "figures": False},
+        **changes,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    """Exit code 2, one ``error:`` line holding every fragment, no traceback."""
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    text = " ".join(output[output.index("error:"):].split())  # rich wraps long lines
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (data, _) in CORPUS.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_every_file_of_the_corpus_is_converted_or_refused_with_a_reason(corpus: Path) -> None:
+    for name, (_, usable) in CORPUS.items():
+        if usable:
+            image = read_rgb(corpus / name)
+            if isinstance(image, torch.Tensor):  # high bit depth: float (3, H, W) in [0, 1]
+                assert image.shape == (3, 40, 40) and 0 <= image.min() <= image.max() <= 1
+            else:
+                assert image.mode == "RGB" and image.size == (40, 40), name
+        else:
+            with pytest.raises(UnreadableImage) as refused:
+                read_rgb(corpus / name)
+            assert str(refused.value), name
+    sixteen = read_rgb(corpus / "sixteen_bit.png")
+    raw = np.asarray(Image.open(corpus / "sixteen_bit.png"), dtype=np.float64) / 65535
+    np.testing.assert_allclose(sixteen[0].numpy(), raw, rtol=1e-6)  # no 8-bit clipping
+    assert "decompression bomb" in _reason(corpus / "bomb.png")
+    assert f"at least {MIN_SIDE} px" in _reason(corpus / "one_pixel.png")
+    assert "0 bytes" in _reason(corpus / "empty.png")
+
+
+def _reason(path: Path) -> str:
+    with pytest.raises(UnreadableImage) as refused:
+        read_rgb(path)
+    return str(refused.value)
+
+
+def test_a_run_over_the_corpus_skips_the_unreadable_and_lists_them(tmp_path: Path,
+                                                                   corpus: Path) -> None:
+    result = runner.invoke(app, ["run", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    report = (tmp_path / "out" / "report.csv").read_text()
+    unusable = {name for name, (_, usable) in CORPUS.items() if not usable}
+    for name in CORPUS:
+        assert (name in report) == (name not in unusable), name
+    assert result.output.count("skipped unreadable image") == len(unusable)
+    listed = json.loads((tmp_path / "out" / "run.json").read_text())["skipped_images"]
+    assert {Path(s["path"]).name for s in listed} == unusable
+    assert all(s["reason"] for s in listed)
+
+
+def test_a_permission_error_is_a_skip_not_a_crash(corpus: Path, monkeypatch) -> None:
+    real_open = Image.open
+
+    def deny(path, *args, **kwargs):  # noqa: ANN001, ANN202 (root reads any file: simulate)
+        if Path(path).name == "gray.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", deny)
+    assert "Permission denied" in _reason(corpus / "gray.png")
+
+
+def test_no_usable_image_exits_2(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_text("not an image")
+    _one_line_error(runner.invoke(app, ["run", str(_config(tmp_path))]),
+                    "none of the 2 images could be read", "images.path")
+
+
+@pytest.mark.parametrize(("setup", "fragments"), [
+    ("empty_folder", ("images.path: no images found",)),
+    ("missing", ("images.path: 'nowhere' does not exist",)),
+])
+def test_missing_or_empty_image_folders_exit_2(tmp_path: Path, setup: str,
+                                               fragments: tuple[str, ...]) -> None:
+    (tmp_path / "images").mkdir()
+    path = _config(tmp_path, **({"images": {"path": "nowhere"}} if setup == "missing" else {}))
+    _one_line_error(runner.invoke(app, ["run", str(path)]), *fragments)
+
+
+@pytest.mark.parametrize(("override", "fragments"), [
+    ("runtime.devise=cpu", ("runtime.devise: unknown key 'devise' (did you mean 'device'?)",)),
+    ("tests.cascadng={enabled: true}", ("did you mean 'cascading'?",)),
+    ("metrics=[spearmann]", ("metrics[0]: 'spearmann' is not one of",
+                             "did you mean 'spearman'?")),
+    ("methods=[gradiant]", ("methods[0].name: unknown method 'gradiant'",
+                            "did you mean 'gradient'?")),
+    ("methods=[{name: integrated_gradients, stpes: 4}]", ("did you mean 'steps'?",)),
+    ("methods=[{name: integrated_gradients, steps: 0}]", ("methods[0].steps:",
+                                                          "greater than or equal to 1")),
+    ("methods=[{name: smoothgrad, samples: -3}]", ("methods[0].samples:",)),
+    ("runtime.batch_size=0", ("runtime.batch_size:", "greater than or equal to 1")),
+    ("runtime.batch_size=many", ("runtime.batch_size:", "valid integer")),
+    ("thresholds={cascading: {metric: spearman_abs, maxx: 0.2}}", ("did you mean 'max'?",)),
+    ("thresholds={cascadin: {metric: spearman_abs, max: 0.2}}",
+     ("thresholds.cascadin", "did you mean 'cascading'?")),
+    ("methods=[{name: gradcam, layer: '6.0'}]", ("methods[0].layer: the model has no module",
+                                                 "did you mean '5.0'?",
+                                                 "its last convolutions are")),
+    ("runtime.device=cuda", ("runtime.device: CUDA requested but not available",)),
+    ("runtime.device=tpu", ("runtime.device: 'tpu' is not a device",)),
+    ("model={name: resnt18}", ("model.name: unknown torchvision model 'resnt18'",
+                               "did you mean 'resnet18'?")),
+])
+def test_config_mistakes_name_the_field_and_the_fix(tmp_path: Path, corpus: Path,
+                                                     override: str,
+                                                     fragments: tuple[str, ...]) -> None:
+    if override == "runtime.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the message is for machines without it
+    path = _config(tmp_path)
+    _one_line_error(runner.invoke(app, ["validate", str(path), "--set", override]),
+                    "config.yaml", *fragments)
+
+
+def test_yaml_syntax_errors_give_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  name: resnet18\nimages: [unclosed\nruntime: {}\n")
+    _one_line_error(runner.invoke(app, ["validate", str(path)]), "config.yaml: line ")
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this would create a marker file: proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (Path(self.marker),))
+
+
+def _model_config(tmp_path: Path, weights: str) -> Path:
+    return _config(tmp_path, model={"name": "resnet18", "num_classes": 4, "weights": weights})
+
+
+def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path,
+                                                                  corpus: Path) -> None:
+    marker = tmp_path / "pwned"
+    with (tmp_path / "evil.pt").open("wb") as fh:
+        pickle.dump({"state_dict": Payload(str(marker))}, fh)
+    torch.save({"state_dict": Payload(str(marker))}, tmp_path / "evil_zip.pt")
+    for name in ("evil.pt", "evil_zip.pt"):
+        result = runner.invoke(app, ["validate", str(_model_config(tmp_path, name))])
+        _one_line_error(result, f"model.weights: cannot load checkpoint {tmp_path / name}",
+                        "weights_only=True")
+        assert not marker.exists()  # the payload did not run
+
+
+def test_checkpoints_of_the_wrong_model_name_the_mismatch(tmp_path: Path, corpus: Path) -> None:
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pt")
+    _one_line_error(runner.invoke(app, ["validate", str(_model_config(tmp_path, "ten.pt"))]),
+                    "ten.pt does not match the model: size mismatch for fc.weight",
+                    "check model.name and model.num_classes")
+    torch.save(torchvision.models.mobilenet_v2(num_classes=4).state_dict(),
+               tmp_path / "other.pt")
+    _one_line_error(runner.invoke(app, ["validate", str(_model_config(tmp_path, "other.pt"))]),
+                    "other.pt does not match the model:", "missing (e.g. conv1.weight)",
+                    "unexpected (e.g. features.0.0.weight)")
+    good = io.BytesIO()
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), good)
+    (tmp_path / "truncated.pt").write_bytes(good.getvalue()[:5000])
+    _one_line_error(runner.invoke(app, ["validate",
+                                        str(_model_config(tmp_path, "truncated.pt"))]),
+                    "model.weights: cannot load checkpoint", "truncated.pt")
+
+
+# --- numerics -----------------------------------------------------------------------------
+
+
+class NanModel(torch.nn.Module):
+    """A model whose outputs are NaN (as after an overflow)."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3))) * float("nan")
+
+
+class DeadBranchModel(torch.nn.Module):
+    """Its first convolution runs but does not reach the output: randomizing it changes
+    nothing, which the run must flag rather than report as a perfect pass."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.head(x)).amax(dim=(2, 3)) + 0 * self.conv(x).mean()
+
+
+def test_a_model_with_non_finite_outputs_exits_2(tmp_path: Path, corpus: Path) -> None:
+    path = _config(tmp_path, model={"factory": "tests.test_hardening:NanModel"})
+    _one_line_error(runner.invoke(app, ["run", str(path)]),
+                    "model: its outputs on", "are not finite (NaN or inf)", "model.weights")
+
+
+def test_non_finite_raw_maps_score_nan_with_the_reason() -> None:
+    from saliencycheck.metrics import ReferenceScorer
+    from saliencycheck.postprocess import PostprocessOptions
+
+    reference = torch.rand(3, 3, 16, 16)
+    candidate = torch.rand(3, 3, 16, 16)
+    candidate[1, 0, 2, 2] = float("inf")
+    reference[2, 1, 0, 0] = float("nan")
+    scores = ReferenceScorer(reference, ["spearman_abs", "ssim"], PostprocessOptions()).score(
+        candidate)
+    for score in scores.values():
+        assert math.isfinite(score.values[0]) and score.reasons[0] == ""
+        assert math.isnan(score.values[1]) and "(candidate)" in score.reasons[1]
+        assert math.isnan(score.values[2]) and "(reference)" in score.reasons[2]
+        assert "non-finite" in score.reasons[1]
+
+
+def test_a_stage_that_leaves_the_logits_unchanged_is_flagged(tmp_path: Path,
+                                                             corpus: Path) -> None:
+    path = _config(tmp_path, model={"factory": "tests.test_hardening:DeadBranchModel"},
+                   tests={"cascading": {"enabled": True, "order": "bottom_up"}})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "out" / "report.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_stage = {r["stage"]: r["note"] for r in rows if r["test"] == "cascading"}
+    assert "logits unchanged by this stage" in by_stage["conv"]
+    assert "logits unchanged" not in by_stage["head"]
+    with (tmp_path / "out" / "stages.csv").open(newline="") as fh:
+        stages = {r["stage"]: r for r in csv.DictReader(fh)}
+    # bottom-up, the head runs first: adding conv to the cascade moves nothing further
+    assert stages["conv"]["logit_relative_l2"] == stages["head"]["logit_relative_l2"]
