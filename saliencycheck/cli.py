@@ -1,14 +1,18 @@
 """The `saliencycheck` command line: thin Typer wrappers over the runner.
 
 The only module that prints or chooses exit codes: 0 success, 1 a configured check failed,
-2 bad usage / config / input (one line, no traceback), 130 interrupted.
+2 bad usage / config / input (one line, no traceback), 3 internal error (one line; the
+traceback goes to error.log, or to the terminal with --debug), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
+import tempfile
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -30,12 +34,24 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+# Where an internal error's traceback is written: the output folder once a command knows it.
+_error_log_dir: Path | None = None
+OUTPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
+
+
+@app.callback()
+def options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the full traceback of an internal error instead of writing it "
+        "to error.log (also: SALIENCYCHECK_DEBUG=1).")] = False) -> None:
+    """Sanity checks for saliency maps (Adebayo et al. 2018) from one YAML config."""
+    if debug:
+        os.environ["SALIENCYCHECK_DEBUG"] = "1"
 
 
 def fail(exc: SaliencyCheckError) -> typer.Exit:
@@ -84,6 +100,7 @@ def run(config: ConfigArg, overrides: SetOption = None,
         try:
             part = parse_shard(shard) if shard is not None else shard_from_env(os.environ)
             loaded = load_config(config, overrides)
+            _log_errors_in(loaded.resolve(loaded.config.output.dir))
             with console.status("loading model and images"):
                 setup = prepare(loaded)
             labels = ", ".join(m.label for m in setup.methods)
@@ -103,6 +120,8 @@ def run(config: ConfigArg, overrides: SetOption = None,
                     result = run_check(setup, progress=advance, retrain=retrain, resume=resume)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
+        except OSError as exc:
+            raise _output_failure(exc) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted:[/] finished work units are saved" + (
                 "; run the shard again to finish it" if part is not None else
@@ -112,6 +131,25 @@ def run(config: ConfigArg, overrides: SetOption = None,
         _print_shard(done)
         return
     _show_result(result, junit=junit, as_json=as_json)
+
+
+def _log_errors_in(folder: Path) -> None:
+    global _error_log_dir
+    _error_log_dir = folder
+
+
+def _output_failure(exc: OSError) -> typer.Exit:
+    """A full disk or an unwritable output folder: exit 2 with the fix; anything else is an
+    internal error (re-raised)."""
+    if exc.errno not in OUTPUT_ERRNOS:
+        raise exc
+    where = exc.filename or _error_log_dir or "the output folder"
+    err_console.print(
+        f"[bold red]error:[/] cannot write {escape(str(where))} ({escape(exc.strerror or '')}); "
+        "free space or set output.dir (or -o) to a writable folder. No report was written "
+        "from this attempt; the units stored before it are kept (--resume picks them up)",
+        highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
 
 
 def _print_shard(done) -> None:  # noqa: ANN001
@@ -139,6 +177,10 @@ def _show_result(result, *, junit: Path | None, as_json: bool) -> None:  # noqa:
     for path, reason in result.skipped:
         err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
                           highlight=False)
+    for test, stage in result.unchanged_stages:
+        err_console.print(f"[yellow]warning:[/] {test} stage {stage} left the logits unchanged: "
+                          "the randomized block does not reach the output, so its scores say "
+                          "nothing (flagged in report.csv's note)", highlight=False)
     shown = err_console if as_json else console
     _print_summary(result, shown)
     if result.verdicts:
@@ -318,11 +360,14 @@ def merge(
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         warnings.showwarning = _show_warning
+        _log_errors_in(output or folders[0])
         try:
             with console.status("merging"):
                 result = merge_outputs(folders, output=output, allow_partial=allow_partial)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
+        except OSError as exc:
+            raise _output_failure(exc) from None
     if result.interrupted:
         err_console.print(f"[yellow]partial:[/] {result.units_done} of {result.units_total} "
                           "units merged", highlight=False)
@@ -417,8 +462,35 @@ def methods() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: an exception no command turned into a message is a bug
+    (exit 3): one line here, the traceback in error.log, or on the terminal with --debug."""
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 (the last line of defence)
+        if os.environ.get("SALIENCYCHECK_DEBUG") == "1":
+            raise
+        log = _write_error_log()
+        first = (str(exc).splitlines() or [""])[0][:200]
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)}; "
+                          f"the traceback is in {log} (--debug shows it here); please report "
+                          "it with that file", highlight=False, soft_wrap=True)
+        sys.exit(3)
+
+
+def _write_error_log() -> Path:
+    """The current exception's traceback in the output folder's error.log (or, before one
+    is known or when it is not writable, the temporary folder's saliencycheck-error.log)."""
+    text = traceback.format_exc()
+    for folder, name in ((_error_log_dir, "error.log"),
+                         (Path(tempfile.gettempdir()), "saliencycheck-error.log")):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return Path("(nowhere: no writable folder)")

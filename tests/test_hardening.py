@@ -4,10 +4,14 @@ YAML path and the fix, never a traceback. The corpus is generated here, not down
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -324,3 +328,81 @@ def test_a_stage_that_leaves_the_logits_unchanged_is_flagged(tmp_path: Path,
         stages = {r["stage"]: r for r in csv.DictReader(fh)}
     # bottom-up, the head runs first: adding conv to the cascade moves nothing further
     assert stages["conv"]["logit_relative_l2"] == stages["head"]["logit_relative_l2"]
+
+
+# --- exit codes, the error log, outputs ------------------------------------------------------
+
+
+class BrokenModel(torch.nn.Module):
+    """A model whose forward has a bug (not bad input): an internal error, exit 3."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3))) / 0 if x.shape[0] < 0 else {}["no such key"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
+    env.pop("SALIENCYCHECK_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "saliencycheck", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_error_log(
+        tmp_path: Path, corpus: Path) -> None:
+    path = _config(tmp_path, model={"factory": "tests.test_hardening:BrokenModel"})
+    result = _cli("run", str(path), cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "internal error: KeyError: 'no such key'" in result.stderr
+    log = tmp_path / "out" / "error.log"
+    assert f"the traceback is in {log}" in " ".join(result.stderr.split())
+    assert "Traceback" in log.read_text() and "test_hardening.py" in log.read_text()
+    debug = _cli("--debug", "run", str(path), cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # Python's own report
+
+
+def test_a_full_disk_exits_2_and_presents_no_report(tmp_path: Path, corpus: Path,
+                                                     monkeypatch) -> None:
+    from saliencycheck.runner.store import ResultStore
+
+    def full(self, result) -> None:  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.root / "unit.json"))
+
+    monkeypatch.setattr(ResultStore, "save", full)
+    result = runner.invoke(app, ["run", str(_config(tmp_path))])
+    _one_line_error(result, "cannot write", "No space left on device",
+                    "set output.dir (or -o) to a writable folder", "No report was written")
+    assert not (tmp_path / "out" / "report.csv").exists()
+
+
+def test_skipped_csv_and_provenance_in_run_json(tmp_path: Path, corpus: Path) -> None:
+    import hashlib
+
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "w.pt")
+    path = _config(tmp_path, model={"name": "resnet18", "num_classes": 4, "weights": "w.pt"},
+                   runtime={"device": "cpu", "bootstrap": 100, "repeats": 2, "seed": 5})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "out" / "skipped.csv").open(newline="") as fh:
+        skipped = list(csv.DictReader(fh))
+    assert {Path(r["path"]).name for r in skipped} == {
+        name for name, (_, usable) in CORPUS.items() if not usable}
+    assert all(r["reason"] for r in skipped)
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    weights = str(tmp_path / "w.pt")
+    assert info["checkpoints_sha256"] == {
+        weights: hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()}
+    assert info["seeds"]["randomization_repeats"] == [5, 1005]
+    assert len(info["config_sha256"]) == 64
+    assert torch.__version__.startswith(info["versions"]["torch"])
+    again = runner.invoke(app, ["run", str(path), "--set", "output.figures=false"])
+    assert again.exit_code == 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config_sha256"] == \
+        info["config_sha256"]  # the same settings: the same hash

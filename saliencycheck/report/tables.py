@@ -161,3 +161,10 @@ def write_stages(path: Path, stages: dict[str, list[Stage]],
                          "logit_relative_l2": l2 / n, "top1_agreement": top1 / n})
     _write(path, STAGE_FIELDS, rows)
     return rows
+
+
+def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """skipped.csv: every image that could not be used, with the reason (header only when
+    none was skipped, so a CI job can always read it)."""
+    _write(path, ("path", "reason"),
+           [{"path": image, "reason": reason} for image, reason in sorted(skipped)])

@@ -11,7 +11,6 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,20 @@ from saliencycheck.report.tables import (
     SummaryRow,
     summarize,
     write_report,
+    write_skipped,
     write_stages,
     write_summary,
 )
 from saliencycheck.runner.backends import choose_backend
-from saliencycheck.runner.executor import figure_key, safe_name
+from saliencycheck.runner.executor import UNCHANGED_NOTE, figure_key, safe_name
 from saliencycheck.runner.manifest import check_same_run, manifest
 from saliencycheck.runner.plan import WorkUnit, plan_units
+from saliencycheck.runner.provenance import (
+    checkpoint_hashes,
+    config_sha256,
+    package_versions,
+    seeds,
+)
 from saliencycheck.runner.setup import (
     ENTROPY_TEST,
     INVARIANCE_TEST,
@@ -91,21 +97,12 @@ class RunResult:
     verdicts: list[Verdict] = field(default_factory=list)
     failures: list[Verdict] = field(default_factory=list)  # FAIL verdicts fail_on counts
     units_resumed: int = 0  # already stored when the run started (--resume)
+    unchanged_stages: list[tuple[str, str]] = field(default_factory=list)  # (test, stage)
+    # whose randomization moved no logit: their scores say nothing
 
     @property
     def interrupted(self) -> bool:
         return self.units_done < self.units_total
-
-
-def package_versions() -> dict[str, str]:
-    names = ("saliencycheck", "torch", "torchvision", "numpy", "scikit-image", "pydantic")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None,
@@ -251,6 +248,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                         seed=runtime.seed)
     write_summary(out / "summary.csv", summary)
     write_stages(out / "stages.csv", setup.stages, stored.stages, setup.stage_names)
+    write_skipped(out / "skipped.csv", stored.skipped)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
     final_stage = setup.final_stage
@@ -280,7 +278,8 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                      final_stage=final_stage,
                      units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
                      label_randomization=label_randomization, verdicts=verdicts,
-                     failures=failures)
+                     failures=failures, unchanged_stages=sorted(
+                         {(r.test, r.stage) for r in rows if UNCHANGED_NOTE in r.note}))
 
 
 def invariance_check(setup: RunSetup, observations: list) -> dict | None:
@@ -331,7 +330,10 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
     info = {
         "config_file": str(setup.source),
         "config": setup.config.model_dump(mode="json"),
+        "config_sha256": config_sha256(setup),
         "versions": package_versions(),
+        "seeds": seeds(setup),
+        "checkpoints_sha256": checkpoint_hashes(setup),
         "python": platform.python_version(),
         "device": str(setup.device),
         "device_name": (torch.cuda.get_device_name(setup.device)
