@@ -140,7 +140,8 @@ def test_a_run_over_the_corpus_skips_the_unreadable_and_lists_them(tmp_path: Pat
     assert all(s["reason"] for s in listed)
 
 
-def test_a_permission_error_is_a_skip_not_a_crash(corpus: Path, monkeypatch) -> None:
+def test_a_permission_error_is_a_skip_not_a_crash(tmp_path: Path, corpus: Path,
+                                                  monkeypatch) -> None:
     real_open = Image.open
 
     def deny(path, *args, **kwargs):  # noqa: ANN001, ANN202 (root reads any file: simulate)
@@ -150,6 +151,11 @@ def test_a_permission_error_is_a_skip_not_a_crash(corpus: Path, monkeypatch) -> 
 
     monkeypatch.setattr(Image, "open", deny)
     assert "Permission denied" in _reason(corpus / "gray.png")
+    result = runner.invoke(app, ["run", str(_config(tmp_path))])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    with (tmp_path / "out" / "skipped.csv").open(newline="") as fh:
+        reasons = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
+    assert "Permission denied" in reasons["gray.png"]
 
 
 def test_no_usable_image_exits_2(tmp_path: Path) -> None:
