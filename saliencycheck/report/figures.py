@@ -181,7 +181,8 @@ def verdict_heatmap(path: Path, verdicts: list) -> None:  # list[Verdict]
     ax.imshow(image, aspect="auto")
     ax.set_xticks(range(len(tests)), tests, fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
-    ax.set_title("verdicts\nPASS: the maps stopped resembling the trained model's", fontsize=8)
+    ax.set_title("verdicts\nPASS: randomization changed the maps\n(input invariance: the "
+                 "shift did not)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
