@@ -413,8 +413,8 @@ def compare(
                                    ("improvements", result.improvements, "green")):
         if not changes:
             continue
-        table = Table(title=f"{title} (mean similarity to the trained maps; higher is worse)",
-                      title_justify="left")
+        table = Table(title=f"{title} (mean scores; a rise is worse, a fall for input "
+                            "invariance and entropy_rise)", title_justify="left")
         for column in ("method", "test", "stage", "metric", "baseline", "new", "change"):
             table.add_column(column)
         for c in changes:

@@ -235,6 +235,7 @@ def _model_config(tmp_path: Path, weights: str) -> Path:
     return _config(tmp_path, model={"name": "resnet18", "num_classes": 4, "weights": weights})
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path,
                                                                   corpus: Path) -> None:
     marker = tmp_path / "pwned"
