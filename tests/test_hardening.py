@@ -413,3 +413,19 @@ def test_skipped_csv_and_provenance_in_run_json(tmp_path: Path, corpus: Path) ->
     assert again.exit_code == 0
     assert json.loads((tmp_path / "out" / "run.json").read_text())["config_sha256"] == \
         info["config_sha256"]  # the same settings: the same hash
+
+
+def test_a_reused_output_folder_keeps_nothing_of_the_earlier_run(tmp_path: Path,
+                                                                 corpus: Path) -> None:
+    first = _config(tmp_path, output={"dir": "out", "figure_images": 2, "save_maps": True},
+                    thresholds={"cascading": {"metric": "spearman_abs", "max": 2.0}})
+    assert runner.invoke(app, ["run", str(first)]).exit_code == 0
+    out = tmp_path / "out"
+    assert (out / "verdicts.csv").is_file() and (out / "figures" / "cmyk").is_dir()
+    assert (out / "maps" / "cmyk.npz").is_file()
+    (corpus / "cmyk.jpg").unlink()  # the second run has other images and no thresholds
+    second = _config(tmp_path, output={"dir": "out", "figure_images": 2})
+    assert runner.invoke(app, ["run", str(second)]).exit_code == 0
+    assert not (out / "verdicts.csv").exists()  # no stale verdicts for a CI job to read
+    assert not (out / "figures" / "cmyk").exists() and not (out / "maps").exists()
+    assert (out / "figures" / "curves_cascading.png").is_file()

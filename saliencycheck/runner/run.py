@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -176,6 +177,7 @@ def open_store(setup: RunSetup, units: list[WorkUnit], *, keep: bool, fix: str) 
                          f"saliencycheck), so they cannot be checked; {fix}")
     if not keep:
         store.clear()
+        shutil.rmtree(setup.output_dir / "maps", ignore_errors=True)  # another run's images
     store.write_plan(plan)
     return store
 
@@ -249,6 +251,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     write_summary(out / "summary.csv", summary)
     write_stages(out / "stages.csv", setup.stages, stored.stages, setup.stage_names)
     write_skipped(out / "skipped.csv", stored.skipped)
+    # Every output is rewritten from the store: nothing of an earlier run in this folder
+    # (figures of other images, verdicts of thresholds since removed) may pass for this one's.
+    shutil.rmtree(out / "figures", ignore_errors=True)
     if setup.config.output.figures and rows:
         write_figures(setup, store, summary)
     final_stage = setup.final_stage
@@ -264,6 +269,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
         verdicts += completeness_verdicts(summary, setup.config.tests.completeness.tolerance,
                                           level=runtime.ci_level)
     failures = gate_failures(verdicts, setup.config.fail_on)
+    (out / "verdicts.csv").unlink(missing_ok=True)
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)
         if setup.config.output.figures:
