@@ -156,20 +156,7 @@ class UnitExecutor:
             explained = [stage_logits[i].argmax(dim=1)
                          if setup.config.tests.target_on_randomized == "recompute" else targets
                          for i in range(len(self.stages))]
-            self._unchanged = set()
-            previous: dict[tuple[str, int], torch.Tensor] = {}  # per (test, repeat)
-            for ref, z in zip(self.stages, stage_logits):
-                change = logit_change(logits, z)  # means over this unit's images
-                # what this stage itself randomized: cumulative tests add to the last stage
-                before = previous.get((ref.test, ref.repeat), logits) \
-                    if ref.test in CUMULATIVE_TESTS else logits
-                if logit_change(before, z)["relative_l2"] <= UNCHANGED_LOGITS:
-                    self._unchanged.add((ref.test, ref.stage.index, ref.repeat))
-                previous[(ref.test, ref.repeat)] = z
-                result.stages.append(StageObservation(
-                    test=ref.test, stage_index=ref.stage.index, n=len(ids),
-                    relative_l2_sum=change["relative_l2"] * len(ids),
-                    top1_agreement_sum=change["top1_agreement"] * len(ids)))
+            self._observe_stages(result, logits, stage_logits)
             pass_explained = [e for ref, e in zip(self.stages, explained)
                               if ref.test != SMOOTH_TEST]
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
@@ -216,6 +203,26 @@ class UnitExecutor:
         if setup.config.output.save_maps:
             self._save_raw_maps(raw_maps)
         return result
+
+    def _observe_stages(self, result: UnitResult, logits: torch.Tensor,
+                        stage_logits: list[torch.Tensor]) -> None:
+        """How far each stage moved the logits (stored, pooled into stages.csv), and which
+        stages moved none (their rows get :data:`UNCHANGED_NOTE`)."""
+        n = len(logits)
+        self._unchanged = set()
+        previous: dict[tuple[str, int], torch.Tensor] = {}  # per (test, repeat)
+        for ref, z in zip(self.stages, stage_logits):
+            change = logit_change(logits, z)  # means over this unit's images
+            # what this stage itself randomized: cumulative tests add to the last stage
+            before = previous.get((ref.test, ref.repeat), logits) \
+                if ref.test in CUMULATIVE_TESTS else logits
+            if logit_change(before, z)["relative_l2"] <= UNCHANGED_LOGITS:
+                self._unchanged.add((ref.test, ref.stage.index, ref.repeat))
+            previous[(ref.test, ref.repeat)] = z
+            result.stages.append(StageObservation(
+                test=ref.test, stage_index=ref.stage.index, n=n,
+                relative_l2_sum=change["relative_l2"] * n,
+                top1_agreement_sum=change["top1_agreement"] * n))
 
     def _logits(self, inputs: torch.Tensor, trace: CallTrace | None
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
