@@ -124,13 +124,15 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
 
 
 def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                    title: str, ylabel: str = "similarity to trained map") -> None:
+                    title: str, ylabel: str = "similarity to trained map",
+                    methods: list[str] | None = None) -> None:
     """Each metric, one group of bars per method: one bar per compared model (the stages of
     ``test`` after the trained one), mean with its 95 % CI as an error bar. For tests whose
     stages are alternatives, not a sequence (label randomization: random labels, control)."""
     rows = [s for s in summary if s.test == test and s.stage_index > 0]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
-    methods = list(dict.fromkeys(s.method for s in rows))
+    present = {s.method for s in rows}  # in the config's order when given
+    methods = [m for m in methods if m in present] if methods else sorted(present)
     fig, axes, flat = _metric_grid(metrics)
     width = 0.8 / max(1, len(stages))
     for ax, metric in zip(flat, metrics):

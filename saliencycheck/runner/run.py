@@ -322,7 +322,8 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
         if test in BAR_TESTS:  # alternatives to compare, not a sequence
             comparison_bars(figures / f"bars_{test}.png", summary, test, metrics,
                             title=TITLES[test], ylabel="rise over the trained map's entropy"
-                            if test == ENTROPY_TEST else "similarity to trained map")
+                            if test == ENTROPY_TEST else "similarity to trained map",
+                            methods=[m.label for m in setup.methods])
         else:  # the floor compares plain maps: not sMPRT's averaged ones
             similarity_curves(figures / f"curves_{test}.png", summary, test, metrics,
                               floors=floors if test in FLOOR_TESTS else {})
