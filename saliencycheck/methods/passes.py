@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from saliencycheck.errors import MethodError
+from saliencycheck.eval_norm import EvalBatchNormMode
 from saliencycheck.methods.base import AttributionContext, check_call, target_logits
 from saliencycheck.methods.registry import (
     MethodParams,
@@ -206,7 +207,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
         handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
                    for path in layers]
         try:
-            with around, relu_rules(), _autocast(x.device, precision):
+            with around, EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
                 score = target_logits(model, x, targets).float().sum()
         finally:
             for handle in handles:
