@@ -343,6 +343,14 @@ class RuntimeConfig(Section):
             "the input."
         ),
     )
+    affine_stem: bool = Field(
+        True,
+        description=(
+            "Sum integrated-gradients and SmoothGrad rows' gradients at the output of the "
+            "model's affine input layers (e.g. ResNet's conv1 and bn1) and pull back one row "
+            "per image through them, instead of one per integration step or noise sample."
+        ),
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description=(

@@ -74,8 +74,9 @@ def test_rows_with_equal_keys_are_computed_once(batch) -> None:
         handle.remove()
     # plain: the 3 images (gradient, ×input, Grad-CAM, Grad-CAM of guided Grad-CAM) and their
     # 12 noisy copies (SmoothGrad and VarGrad); guided: the 3 images (both guided methods).
-    assert shared == [15, 3]
-    assert sum(alone) == 3 + 3 + 3 + 3 + (3 + 3) + 12 + 12
+    # SmoothGrad's one-row forward finds the model's affine stem (saliencycheck.stem).
+    assert shared == [1, 15, 3]
+    assert sum(alone) == 3 + 3 + 3 + 3 + (3 + 3) + (1 + 12) + 12
 
 
 
@@ -159,7 +160,9 @@ def test_gauss_lobatto_shares_the_input_rows_with_the_gradient(batch) -> None:
     rows: list[int] = []
     handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
-        for rule, expected in (("gauss_legendre", [3 + 3 * 4]), ("gauss_lobatto", [3 + 3 * 3])):
+        # each preceded by the one-row forward that finds the affine stem (saliencycheck.stem)
+        for rule, expected in (("gauss_legendre", [1, 3 + 3 * 4]),
+                               ("gauss_lobatto", [1, 3 + 3 * 3])):
             rows.clear()
             methods = [resolve_method("gradient"), resolve_method(
                 {"name": "integrated_gradients", "steps": 4, "rule": rule})]

@@ -83,14 +83,14 @@ def _modules(stage: Stage | None) -> tuple[str, ...]:
 
 def staged_maps(model: nn.Module, stages: list[Stage], inputs: torch.Tensor,
                 targets: torch.Tensor, *, prefix: bool, chunk_size: int = 64,
-                layer: str | None = None):
+                layer: str | None = None, affine_stem: bool = True):
     """Every method's maps on the trained model and each stage, through ``run_staged``."""
     from saliencycheck.runner.setup import with_default_layers
 
     methods = [resolve_method({"name": "gradcam", "layer": layer} if m == "gradcam" and layer
                               else m) for m in METHODS]
     methods = with_default_layers(methods, model, inputs[:1])
-    context = AttributionContext(chunk_size=chunk_size)
+    context = AttributionContext(chunk_size=chunk_size, affine_stem=affine_stem)
     randomized = RandomizedModels(model)
     refs: list[Stage | None] = [None, *stages]
     source = RowSource.of(inputs, targets)

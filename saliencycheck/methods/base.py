@@ -28,6 +28,9 @@ class AttributionContext:
     is never touched. ``chunk_size`` bounds the rows of every forward/backward pass (halved
     and retried after a CUDA out-of-memory error). ``precision`` runs the forward passes under
     ``torch.autocast`` with bfloat16 or float16; gradients w.r.t. the inputs stay float32.
+    ``affine_stem`` lets integrated gradients and SmoothGrad sum their rows' gradients at the
+    output of the model's affine input layers and pull back one row per image
+    (:mod:`saliencycheck.stem`); equal up to float summation order.
     """
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -35,6 +38,7 @@ class AttributionContext:
     seed: int = 0
     chunk_size: int = 64
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    affine_stem: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

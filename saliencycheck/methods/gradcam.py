@@ -31,7 +31,7 @@ class GradCamParams(MethodParams):
     )
 
 
-def _cam(inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> Tensor:
+def _cam(inputs: Tensor, grads: Tensor | None, pair: LayerPair | None) -> Tensor:
     """``ReLU(Σ_k α_k A_k)``, α_k = spatial mean of ∂score/∂A_k, upsampled: (rows, 1, H, W)."""
     activations, layer_grads = pair
     alpha = layer_grads.mean(dim=(2, 3), keepdim=True)
@@ -42,7 +42,7 @@ def _cam(inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> Tensor:
 def _cam_maps(model: nn.Module, source: RowSource, layer: str | None) -> RowMaps:
     if layer is None:
         layer = default_layer(model, source.build(torch.arange(1))[0])
-    return RowMaps(fn=_cam, count=source.count, layer=layer)
+    return RowMaps(fn=_cam, count=source.count, layer=layer, needs_grads=False)
 
 
 @planned_method(

@@ -3,7 +3,6 @@ quadrature."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -13,7 +12,14 @@ from torch import Tensor, nn
 
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.baselines import Baseline, make_baseline
-from saliencycheck.methods.passes import LayerPair, MethodPlan, Request, RowSource, planned_method
+from saliencycheck.methods.passes import (
+    GroupSum,
+    GroupTotal,
+    MethodPlan,
+    Request,
+    RowSource,
+    planned_method,
+)
 from saliencycheck.methods.registry import MethodParams
 
 
@@ -57,37 +63,6 @@ def gauss_lobatto(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (nodes + 1) / 2, weights / 2
 
 
-@dataclass
-class _Total:
-    """Σ_k w_k ∇f(point_k) per image, shared by the consumers of one integral."""
-
-    count: int
-    value: Tensor | None = field(default=None, repr=False)
-
-    def add(self, image: Tensor, weighted: Tensor) -> None:
-        if self.value is None:
-            self.value = weighted.new_zeros((self.count, *weighted.shape[1:]))
-        self.value.index_add_(0, image.to(weighted.device), weighted)
-
-
-@dataclass
-class _WeightedSum:
-    """Consumer adding w_k ∇f(point) of rows ``image·steps + k`` into a total, chunk by chunk."""
-
-    total: _Total
-    steps: int
-    weights: np.ndarray
-    layer: str | None = None
-
-    def add(self, index: Tensor, inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> None:
-        weights = torch.as_tensor(self.weights, dtype=grads.dtype, device=grads.device)
-        step = (index % self.steps).to(grads.device)
-        self.total.add(index // self.steps, grads * weights[step].view(-1, 1, 1, 1))
-
-    def result(self) -> Tensor:
-        return self.total.value
-
-
 @planned_method(
     "integrated_gradients",
     params=IntegratedGradientsParams,
@@ -124,11 +99,11 @@ def integrated_gradients(
     points = RowSource(key=("integrated_gradients", source.key, steps, baseline, blur_sigma,
                             context.seed, rule),
                        count=source.count * path_nodes, build=build)
-    total = _Total(count=source.count)
-    requests = [Request("plain", points, _WeightedSum(total, path_nodes, weights[:path_nodes]),
+    total = GroupTotal(count=source.count)
+    requests = [Request("plain", points, GroupSum(total, path_nodes, weights[:path_nodes]),
                         "integrated_gradients")]
     if at_input:
-        requests.append(Request("plain", source, _WeightedSum(total, 1, weights[-1:]),
+        requests.append(Request("plain", source, GroupSum(total, 1, weights[-1:]),
                                 "integrated_gradients"))
 
     def finish() -> Tensor:

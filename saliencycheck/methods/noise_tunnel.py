@@ -10,7 +10,14 @@ from torch import Tensor, nn
 
 from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.passes import MethodPlan, RowSource, planned_method
+from saliencycheck.methods.passes import (
+    GroupSum,
+    GroupTotal,
+    MethodPlan,
+    Request,
+    RowSource,
+    planned_method,
+)
 from saliencycheck.methods.registry import MethodParams, available_methods, resolve_method
 
 _WRAPPERS = ("smoothgrad", "vargrad")
@@ -95,6 +102,10 @@ def noise_tunnel(
     passes; any other (``custom``) is called on the noisy copies directly."""
     inner = resolve_method({**of_params, "name": of})
     noisy = noisy_source(source, context, samples=samples, noise=noise)
+    if of == "gradient" and statistic == "mean":  # linear in the gradients: summed in the
+        total = GroupTotal(count=source.count)      # pass (before the stem, if there is one)
+        consumer = GroupSum(total, samples, [1 / samples] * samples)
+        return MethodPlan([Request("plain", noisy, consumer, "smoothgrad")], consumer.result)
     if inner.spec.plan is not None:
         plan = inner.spec.plan(model, noisy, context, **dict(inner.params))
         requests, inner_maps = plan.requests, plan.finish

@@ -38,6 +38,7 @@ from saliencycheck.methods.registry import (
 from saliencycheck.models import get_submodule
 from saliencycheck.prefix import CallTrace, PrefixCache, carry_to_input, prefix_modules
 from saliencycheck.relu_rules import ReluRuleMode
+from saliencycheck.stem import find_affine_stem, pull_back
 
 Family = Literal["plain", "guided", "deconvnet"]
 LayerPair = tuple[Tensor, Tensor]  # (activation, ∂ score / ∂ activation) of one layer
@@ -63,11 +64,17 @@ class RowSource:
 
 
 class Consumer(Protocol):
-    """Receives the gradients of its rows, chunk by chunk, and returns a result at the end."""
+    """Receives the gradients of its rows, chunk by chunk, and returns a result at the end.
+
+    ``needs_grads`` False: only the layer pair is read (``grads`` may be None). A consumer
+    that needs only group sums of its rows' gradients (:class:`GroupSum`) lets the engine add
+    them up before the model's affine stem (:mod:`saliencycheck.stem`).
+    """
 
     layer: str | None  # capture (activation, gradient) at this layer for these rows
+    needs_grads: bool
 
-    def add(self, index: Tensor, inputs: Tensor, grads: Tensor,
+    def add(self, index: Tensor, inputs: Tensor, grads: Tensor | None,
             pair: LayerPair | None) -> None: ...
 
     def result(self) -> Tensor: ...
@@ -87,12 +94,14 @@ class Request:
 class RowMaps:
     """A consumer turning each row into a map with ``fn`` and stacking them: (count, ...)."""
 
-    fn: Callable[[Tensor, Tensor, LayerPair | None], Tensor]  # (inputs, grads, pair) -> maps
+    fn: Callable[[Tensor, Tensor | None, LayerPair | None], Tensor]  # (inputs, grads, pair)
     count: int
     layer: str | None = None
+    needs_grads: bool = True
     _maps: Tensor | None = field(default=None, repr=False)
 
-    def add(self, index: Tensor, inputs: Tensor, grads: Tensor, pair: LayerPair | None) -> None:
+    def add(self, index: Tensor, inputs: Tensor, grads: Tensor | None,
+            pair: LayerPair | None) -> None:
         maps = self.fn(inputs, grads, pair)
         if self._maps is None:
             self._maps = maps.new_zeros((self.count, *maps.shape[1:]))
@@ -100,6 +109,50 @@ class RowMaps:
 
     def result(self) -> Tensor:
         return self._maps
+
+
+@dataclass
+class GroupTotal:
+    """Per-group sums ``(count, ...)``, added to chunk by chunk (shared by several consumers)."""
+
+    count: int
+    value: Tensor | None = field(default=None, repr=False)
+
+    def add(self, groups: Tensor, sums: Tensor) -> None:
+        if self.value is None:
+            self.value = sums.new_zeros((self.count, *sums.shape[1:]))
+        self.value.index_add_(0, groups.to(sums.device), sums)
+
+
+@dataclass
+class GroupSum:
+    """Consumer adding ``w_k ∇f(row)`` of rows ``g·size + k`` into group ``g`` of a total: the
+    integral of integrated gradients, the mean of SmoothGrad. Linear in the gradients, so the
+    engine may form the sums at the output of an affine stem and pull back only those."""
+
+    total: GroupTotal
+    size: int
+    weights: Sequence[float]
+    layer: str | None = None
+    needs_grads: bool = True
+
+    def row_weights(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(group, weight) of each row."""
+        weights = torch.as_tensor(self.weights, dtype=torch.float64)
+        return index // self.size, weights[index % self.size]
+
+    def add(self, index: Tensor, inputs: Tensor, grads: Tensor | None,
+            pair: LayerPair | None) -> None:
+        groups, weights = self.row_weights(index)
+        weights = weights.to(grads.device, grads.dtype).view(-1, *([1] * (grads.ndim - 1)))
+        self.total.add(groups, grads * weights)
+
+    def add_sums(self, groups: Tensor, sums: Tensor) -> None:
+        """Sums already formed over the rows of each of ``groups``."""
+        self.total.add(groups, sums)
+
+    def result(self) -> Tensor:
+        return self.total.value
 
 
 def input_gradient_maps(count: int) -> RowMaps:
@@ -159,6 +212,7 @@ def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
     for family, selected in families.items():
         if selected[0]:
             _run_family(stages, family, selected, size=size, precision=context.precision,
+                        affine_stem=context.affine_stem,
                         trace=trace, progress=(lambda rows: progress(rows / total))
                         if progress else None)
     return size
@@ -185,7 +239,8 @@ Piece = tuple[Hashable, Tensor]  # (source key, row indices)
 
 def _run_family(stages: Sequence[StageRequests], family: Family,
                 requests: list[list[Request]], *, size: ChunkSize, precision: str,
-                trace: CallTrace | None, progress: Callable[[int], None] | None) -> None:
+                affine_stem: bool, trace: CallTrace | None,
+                progress: Callable[[int], None] | None) -> None:
     per_stage = [_segments(r) for r in requests]
     base = per_stage[0]
     for index, segments in enumerate(per_stage[1:], start=1):
@@ -201,46 +256,78 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
     cache = PrefixCache(model, chain.from_iterable(prefixes)) if any(prefixes) else None
     mode = ReluRuleMode(family) if family != "plain" else None
     relu_rules = (lambda: mode) if mode is not None else nullcontext
+    stem = [model.get_submodule(path) for path in
+            _stem_worth_pulling_back(model, base, per_stage)] if affine_stem else []
 
-    def forward(x: Tensor, targets: Tensor, around) -> tuple[Tensor, list[Tensor]]:
+    def forward(x: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """The summed target logits, the layers' activations and the stem's output (None
+        when the stem did not run: stubbed by the prefix cache)."""
         captured: dict[str, list[Tensor]] = {path: [] for path in layers}
+        stem_out: list[Tensor] = []
         handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
                    for path in layers]
+        if stem:  # ahead of the prefix cache's and Grad-CAM's hooks: they see its clone
+            handles.append(stem[-1].register_forward_hook(_keep(stem_out), prepend=True))
         try:
-            with around, EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
+            with EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
                 score = target_logits(model, x, targets).float().sum()
         finally:
             for handle in handles:
                 handle.remove()
-        return score, [_last_activation(path, captured[path]) for path in layers]
+        return (score, [_last_activation(path, captured[path]) for path in layers],
+                stem_out[-1] if stem_out else None)
 
     def deliver(stage: int, pieces: list[Piece], x: Tensor, grad: Tensor,
                 activations: list[Tensor], layer_grads: Sequence[Tensor | None]) -> None:
+        """Hand each consumer its rows. ``grad`` is the gradient at the input, or with a
+        stem at the stem's output: group sums are formed there and pulled back with the rows
+        that per-row consumers need, in one pass through the stem."""
         pairs = {}
         for path, a, g in zip(layers, activations, layer_grads):
             if g is None:
                 raise MethodError(f"gradcam: layer {path!r} does not affect the logits; "
                                   "choose another")
             pairs[path] = (a.detach().float(), g.float())
+        per_row: list[tuple[Consumer, Tensor, slice, LayerPair | None]] = []
+        sums: list[tuple[GroupSum, Tensor, Tensor]] = []
+        if stem:
+            grad = grad.to(x.dtype)
         start = 0
         for key, index in pieces:
             rows = slice(start, start + len(index))
             start += len(index)
             for consumer in per_stage[stage][key].consumers:
+                if stem and isinstance(consumer, GroupSum):
+                    sums.append((consumer, *_group_sums(consumer, index, grad[rows])))
+                    continue
                 pair = None
                 if consumer.layer:
                     a, g = pairs[consumer.layer]
                     pair = (a[rows], g[rows])
-                consumer.add(index, x[rows].detach(), grad[rows], pair)
+                per_row.append((consumer, index, rows, pair))
+        row_grads: dict[tuple[int, int], Tensor] = {}
+        if stem:
+            needed = sorted({(r.start, r.stop) for c, _, r, _ in per_row if c.needs_grads})
+            parts = [grad[a:b] for a, b in needed] + [summed for _, _, summed in sums]
+            if parts:
+                pulled = pull_back(stem, torch.cat(parts), x).split([len(p) for p in parts])
+                row_grads = dict(zip(needed, pulled))
+                for (consumer, groups, _), summed in zip(sums, pulled[len(needed):]):
+                    consumer.add_sums(groups, summed)
+        for consumer, index, rows, pair in per_row:
+            rows_grad = row_grads.get((rows.start, rows.stop)) if stem else grad[rows]
+            consumer.add(index, x[rows], rows_grad, pair)
 
     def targets_of(stage: int, pieces: list[Piece]) -> Tensor:
         return torch.cat([per_stage[stage][key].source.build(index)[1] for key, index in pieces])
 
     def run_chunk(pieces: list[Piece], first: int, reached: list[int]) -> None:
-        """Stages ``first``.. of one chunk (stage 0's forward is always run: the prefix)."""
+        """Stages ``first``.. of one chunk (stage 0's forward is always run: the prefix).
+        Gradients are taken at the input, or at the stem's output when there is a stem."""
         x = torch.cat([base[key].source.build(index)[0] for key, index in pieces])
         x = x.detach().clone().requires_grad_(True)
         recorded: dict[str, list[Tensor]] = {}
+        reference = None  # the stem's output in the reference forward
         for stage in [0, *range(max(first, 1), len(stages))]:
             if stages[stage].enter() is not model:
                 raise ValueError("every stage must enter the same working model")
@@ -249,26 +336,32 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             if stage == 0:
                 recording = cache.record() if cache is not None else nullcontext({})
                 with recording as recorded:
-                    score, activations = forward(x, targets_of(0, pieces), nullcontext())
+                    score, activations, reference = forward(x, targets_of(0, pieces))
                 if first > 0:
                     continue
-                grads = torch.autograd.grad(score, [x, *activations], allow_unused=True,
+                point = reference if stem else x
+                grads = torch.autograd.grad(score, [point, *activations], allow_unused=True,
                                             retain_graph=cache is not None)
-                grad = grads[0]
+                grad, layer_grads = grads[0], grads[1:]
             else:
                 stubbing = cache.stub(prefixes[stage], recorded, grad=True) \
                     if cache is not None else nullcontext([])
                 with stubbing as leaves:
-                    score, activations = forward(x, targets_of(stage, pieces), nullcontext())
-                grads = torch.autograd.grad(score, [x, *activations, *(leaf for leaf, _ in leaves)],
+                    score, activations, own_stem = forward(x, targets_of(stage, pieces))
+                point = own_stem if stem else x  # None: the stem was stubbed
+                ends = [point] if point is not None else []
+                grads = torch.autograd.grad(score, [*ends, *activations,
+                                                    *(leaf for leaf, _ in leaves)],
                                             allow_unused=True)
+                layer_grads = grads[len(ends):len(ends) + len(layers)]
                 carried = carry_to_input(
-                    [(r, g) for (_, r), g in zip(leaves, grads[1 + len(layers):])], x)
-                grad = grads[0] if carried is None else \
-                    carried if grads[0] is None else grads[0] + carried
+                    [(r, g) for (_, r), g in zip(leaves, grads[len(ends) + len(layers):])],
+                    reference if stem else x)
+                own = grads[0] if ends else None
+                grad = own if carried is None else carried if own is None else own + carried
             if grad is None:
-                grad = torch.zeros_like(x)
-            deliver(stage, pieces, x.detach(), grad, activations, grads[1:1 + len(layers)])
+                grad = torch.zeros_like(point if point is not None else reference)
+            deliver(stage, pieces, x.detach(), grad, activations, layer_grads)
             reached[0] = stage + 1
             if progress is not None:
                 progress(len(x))
@@ -347,6 +440,37 @@ def _capture(path: str, store: list[Tensor]):
         return output.clone()
 
     return hook
+
+
+def _keep(store: list[Tensor]):
+    """Forward hook keeping the module's output and passing a clone downstream (so in-place
+    ops after it cannot change what is kept)."""
+
+    def hook(module: nn.Module, args: object, output: Tensor) -> Tensor:
+        store.append(output)
+        return output.clone()
+
+    return hook
+
+
+def _stem_worth_pulling_back(model: nn.Module, base: dict[Hashable, _Segment],
+                             per_stage: list[dict[Hashable, _Segment]]) -> tuple[str, ...]:
+    """The model's affine stem, when some consumer sums several rows per group (else
+    pulling back separately would only add a pass)."""
+    if not any(isinstance(c, GroupSum) and c.size > 1 for segments in per_stage
+               for segment in segments.values() for c in segment.consumers):
+        return ()
+    example, _ = next(iter(base.values())).source.build(torch.arange(1))
+    return find_affine_stem(model, example)
+
+
+def _group_sums(consumer: GroupSum, index: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(groups, Σ_rows∈group w · grad) of one piece's rows."""
+    groups, weights = consumer.row_weights(index)
+    groups, inverse = torch.unique(groups, return_inverse=True)
+    weighted = grad * weights.to(grad.device, grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
+    summed = grad.new_zeros((len(groups), *grad.shape[1:]))
+    return groups, summed.index_add_(0, inverse.to(grad.device), weighted)
 
 
 def _last_activation(path: str, store: list[Tensor]) -> Tensor:

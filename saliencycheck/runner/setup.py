@@ -333,7 +333,8 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
                             fraction_randomized=1.0)
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
                                  chunk_size=chunk_size,
-                                 precision=config.runtime.precision)
+                                 precision=config.runtime.precision,
+                                 affine_stem=config.runtime.affine_stem)
     return RunSetup(
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
