@@ -351,6 +351,14 @@ class RuntimeConfig(Section):
             "per image through them, instead of one per integration step or noise sample."
         ),
     )
+    reuse_host_memory: bool = Field(
+        True,
+        description=(
+            "While units run, keep freed host memory for the next pass instead of returning "
+            "it to the system (glibc's allocator; no effect elsewhere): saves the page faults "
+            "of fresh activations, 15-20 % of a CPU run's time."
+        ),
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description=(

@@ -15,6 +15,7 @@ from collections import deque
 from types import ModuleType
 
 from saliencycheck.errors import ConfigError, SaliencyCheckError
+from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.backends import Save, UnitProgress
 from saliencycheck.runner.plan import WorkUnit
@@ -61,7 +62,8 @@ class UnitWorker:
         self.executor = build_executor(spec)
 
     def run(self, unit: WorkUnit) -> UnitResult:
-        return self.executor.run(unit, lambda *_: None)
+        with reused_host_memory(self.executor.setup.config.runtime.reuse_host_memory):
+            return self.executor.run(unit, lambda *_: None)
 
 
 class RayBackend:
