@@ -40,6 +40,13 @@ def test_randomizing_the_head_stubs_the_whole_trunk(resnet_trace) -> None:
     assert prefix_modules(resnet_trace, [""]) == ()  # the model's own parameters: no prefix
 
 
+def test_the_trace_knows_which_outputs_in_place_ops_modify(resnet_trace) -> None:
+    # ReLU(inplace=True) follows every BatchNorm but the second of each block (a sum follows)
+    modified = resnet_trace.modified_in_place
+    assert {"bn1", "layer1.0.bn1", "layer4.1.bn1"} <= modified
+    assert not {"conv1", "layer1.0.conv1", "layer1.0", "maxpool"} & modified
+
+
 def test_a_module_called_again_after_the_cut_is_not_stubbed(resnet_trace) -> None:
     # BasicBlock applies self.relu after bn1 and again after the residual sum (after bn2).
     stubbed = set(prefix_modules(resnet_trace, ["layer4.1.bn2"]))

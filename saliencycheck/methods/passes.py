@@ -253,7 +253,8 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
     modules = {path: get_submodule(model, path, field="layer") for path in layers}
     prefixes = [()] + [prefix_modules(trace, stage.randomized, visible=layers)
                        if trace is not None else () for stage in stages[1:]]
-    cache = PrefixCache(model, chain.from_iterable(prefixes)) if any(prefixes) else None
+    cache = PrefixCache(model, chain.from_iterable(prefixes),
+                        modified_in_place=trace.modified_in_place) if any(prefixes) else None
     mode = ReluRuleMode(family) if family != "plain" else None
     relu_rules = (lambda: mode) if mode is not None else nullcontext
     stem = [model.get_submodule(path) for path in

@@ -230,7 +230,8 @@ class UnitExecutor:
         after its first randomized one."""
         model = self._enter(None)
         prefixes = [prefix_modules(trace, ref.modules) if trace else () for ref in self.stages]
-        cache = PrefixCache(model, chain.from_iterable(prefixes))
+        cache = PrefixCache(model, chain.from_iterable(prefixes),
+                            modified_in_place=trace.modified_in_place if trace else None)
         with torch.no_grad():
             with cache.record() as recorded:
                 logits = model(inputs)
