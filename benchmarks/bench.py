@@ -50,6 +50,7 @@ from benchmarks.naive import naive_maps  # noqa: E402
 from benchmarks.workloads import Workload, prepare_images, workload_a, workload_b  # noqa: E402
 from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
 from saliencycheck.data import load_images  # noqa: E402
+from saliencycheck.host_memory import reused_host_memory  # noqa: E402
 from saliencycheck.methods import compute_maps  # noqa: E402
 from saliencycheck.metrics import spearman  # noqa: E402
 from saliencycheck.randomization import RandomizedModels  # noqa: E402
@@ -143,12 +144,14 @@ class CaseResult:
 
 
 def run_case(workload: Workload, granularity: str, device: torch.device, *, repeat: int,
-             agreement: bool, log: Callable[[str], None]) -> CaseResult:
+             agreement: bool, reuse_host_memory: bool, log: Callable[[str], None]
+             ) -> CaseResult:
     with tempfile.TemporaryDirectory(prefix="scbench_") as tmp_name:
         tmp = Path(tmp_name)
         images_path = prepare_images(workload, tmp / "images")
         raw = workload.config(granularity=granularity, device=str(device),
-                              images_path=images_path, output_dir=tmp / "run")
+                              images_path=images_path, output_dir=tmp / "run",
+                              reuse_host_memory=reuse_host_memory)
         config = parse_config(raw, source="bench.yaml")
         start = time.perf_counter()
         setup = prepare(LoadedConfig(config=config, source=tmp / "bench.yaml"))
@@ -486,7 +489,10 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
         f"- load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in env['load_start'])}"
         f", at end {tuple(round(x, 2) for x in env['load_end'])} (other processes on the "
         "machine share its cores; see the per-run times for the spread)",
-        "- precision: fp32 everywhere", "",
+        "- precision: fp32 everywhere",
+        f"- host memory: {env.get('host_memory', 'system')} for every contender alike ('reuse': "
+        "freed memory stays on the heap, as in saliencycheck runs; 'system': glibc's default, "
+        "fresh pages for every large block)", "",
         "## Workloads", "",
     ]
     seen = set()
@@ -640,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="results file (default benchmarks/results.md; none with --quick)")
     parser.add_argument("--no-agreement", action="store_true", help="skip the agreement check")
+    parser.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                        help="allocator for every contender alike: 'reuse' keeps freed host "
+                        "memory on the heap, as saliencycheck runs do "
+                        "(saliencycheck.host_memory); 'system' is glibc's default")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory runs (benchmarks/memory.py)")
     args = parser.parse_args(argv)
@@ -663,14 +673,20 @@ def main(argv: list[str] | None = None) -> int:
         f", quantus {env['versions']['quantus']}" + (f" ({QUANTUS_ERROR})" if qd is None else ""))
     started = time.perf_counter()
     results = []
-    for workload in workloads:
-        for granularity in workload.granularities:
-            try:
-                results.append(run_case(workload, granularity, device, repeat=args.repeat,
-                                        agreement=not args.no_agreement and workload.key == "a",
-                                        log=log))
-            except Exception:  # noqa: BLE001 - report and go on with the other cases
-                log(f"[{workload.key}/{granularity}] failed:\n{traceback.format_exc()}")
+    reuse = args.host_memory == "reuse"
+    env["host_memory"] = args.host_memory
+    with reused_host_memory(reuse) as active:  # the same allocator for every contender
+        if reuse and not active:
+            env["host_memory"] = "system (reuse needs glibc)"
+        for workload in workloads:
+            for granularity in workload.granularities:
+                try:
+                    results.append(run_case(
+                        workload, granularity, device, repeat=args.repeat,
+                        agreement=not args.no_agreement and workload.key == "a",
+                        reuse_host_memory=reuse, log=log))
+                except Exception:  # noqa: BLE001 - report and go on with the other cases
+                    log(f"[{workload.key}/{granularity}] failed:\n{traceback.format_exc()}")
     memory = None
     if not (args.quick or args.no_memory):
         memory = measure_memory([8, 64], str(device))

@@ -32,7 +32,8 @@ class Workload:
     stage_limit: int | None = None  # --quick only: the first stages of each test
     notes: list[str] = field(default_factory=list)
 
-    def config(self, *, granularity: str, device: str, images_path: Path, output_dir: Path) -> dict:
+    def config(self, *, granularity: str, device: str, images_path: Path, output_dir: Path,
+               reuse_host_memory: bool = True) -> dict:
         """The saliencycheck config (same keys as a YAML config)."""
         return {
             "model": self.model,
@@ -45,7 +46,8 @@ class Workload:
                       "init": "reset", "target_on_randomized": "original"},
             "metrics": list(self.metrics),
             "runtime": {"device": device, "batch_size": self.batch_size,
-                        "chunk_size": self.chunk_size, "seed": 0},
+                        "chunk_size": self.chunk_size, "seed": 0,
+                        "reuse_host_memory": reuse_host_memory},
             "output": {"dir": str(output_dir), "figures": False, "save_maps": False},
             "baselines": {"random_floor": False},  # Quantus computes no floor: same work
         }

@@ -12,6 +12,8 @@ exception and never a warning.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -146,12 +148,40 @@ def average_ranks(x: Tensor) -> Tensor:
     return torch.empty_like(average).scatter_(1, order, average)
 
 
+class _RankCache:
+    """The ranks of the last few references (first arguments) ranked, so a reference scored
+    against every stage (:class:`ReferenceScorer`: one per method and view) is sorted once,
+    not once per stage. An entry holds only a weak reference and the tensor's version: a new
+    or modified tensor is never mistaken for it."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.entries: OrderedDict[int, tuple[weakref.ref, int, Tensor]] = OrderedDict()
+
+    def ranks(self, original: Tensor, flat: Tensor) -> Tensor:
+        """:func:`average_ranks` of ``flat``, the flattened working copy of ``original``."""
+        entry = self.entries.get(id(original))
+        if entry is not None and entry[0]() is original and entry[1] == original._version \
+                and entry[2].dtype == flat.dtype:
+            self.entries.move_to_end(id(original))
+            return entry[2]
+        ranked = average_ranks(flat)
+        self.entries[id(original)] = (weakref.ref(original), original._version, ranked)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return ranked
+
+
+_RANKS = _RankCache()
+
+
 def _correlation(a: Tensor, b: Tensor, *, rank: bool, noun: str = "map") -> Scores:
     """Pearson (or, with ``rank``, Spearman) correlation per pair with NaN reasons."""
+    original_a = a
     a, b = _flat_pair(a, b)
     mask, reasons = _undefined(a, b, noun=noun, constant_too=True)
     if rank:
-        a, b = average_ranks(a), average_ranks(b)
+        a, b = _RANKS.ranks(original_a, a), average_ranks(b)
     values = _pearson_flat(a, b).masked_fill(mask, float("nan"))
     return Scores(values, reasons)
 

@@ -313,3 +313,20 @@ def test_the_adebayo2018_preset_scores_ssim_with_the_original_data_range() -> No
     assert got == pytest.approx(expected, abs=1e-10)
     assert got != pytest.approx(float(ReferenceScorer(a, ["ssim"], PostprocessOptions())
                                       .score(b)["ssim"].values[0]), abs=1e-3)
+
+
+def test_reference_ranks_are_reused_only_while_the_reference_is_unchanged() -> None:
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.rand(4, 1, 6, 6, generator=generator)
+    candidates = [torch.rand(4, 1, 6, 6, generator=generator) for _ in range(3)]
+
+    def expected() -> list[float]:
+        return [spearmanr(r.flatten(), c.flatten()).statistic
+                for r, c in zip(reference.double().numpy(), candidate.double().numpy())]
+
+    for candidate in candidates:  # the reference's ranks come from the cache after the first
+        np.testing.assert_allclose(metrics.spearman(reference, candidate).values.numpy(),
+                                   expected(), rtol=1e-12)
+    reference.mul_(-1)  # modified in place: ranked anew
+    np.testing.assert_allclose(metrics.spearman(reference, candidate).values.numpy(),
+                               expected(), rtol=1e-12)
