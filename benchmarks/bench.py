@@ -543,7 +543,8 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
         lines += ["", "## Memory", "",
                   "`benchmarks/memory.py`: saliencycheck alone in a fresh process per image "
                   "count (digits ResNet-18, 64×64, gradient + guided backprop, cascading by "
-                  "block, work units of 8 images); peak RSS from `getrusage`.", "",
+                  "block, work units of 8 images); peak RSS from the child's own `VmHWM` "
+                  "(`getrusage` would count the forked benchmark process too).", "",
                   memory_table(memory)]
     for r in results:
         if r.agreement:
