@@ -18,9 +18,9 @@ are stubbed. Models whose control flow depends on the data can switch this off
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +31,14 @@ from saliencycheck.errors import MethodError
 @dataclass(frozen=True)
 class CallTrace:
     """When each module ran in one forward: ``(enter, exit)`` event numbers of every call,
-    whether every call returned a single tensor, and which modules' outputs a later in-place
-    op modified (only those need a copy when recorded or replayed)."""
+    whether every call returned a single tensor, and, for each module whose output a later
+    in-place op modified, the modules whose own code ran that op (the innermost call open at
+    the time; "" for the model's top-level code). Only those outputs need a copy when they
+    are recorded, and when they are replayed in a stage where such a module runs."""
 
     calls: dict[str, list[tuple[int, int]]]
     returns_tensor: dict[str, bool]
-    modified_in_place: frozenset[str] = frozenset()
+    modifiers: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def start(self, path: str) -> int | None:
         """The event at which ``path`` (or, if it never runs itself, its nearest running
@@ -54,11 +56,22 @@ def trace_calls(model: nn.Module, example: Tensor) -> CallTrace:
     calls: dict[str, list[tuple[int, int]]] = {}
     returns_tensor: dict[str, bool] = {}
     open_calls: dict[str, list[int]] = {}
-    outputs: list[tuple[str, Tensor, int]] = []  # (path, output, its version when returned)
+    running: list[str] = []  # the open calls, innermost last
+    outputs: list[tuple[str, Tensor, int]] = []  # (path, output, its version when last seen)
+    modifiers: dict[str, set[str]] = {}
+
+    def changed() -> None:
+        """Attribute in-place changes since the last event to the innermost open call."""
+        for i, (path, output, version) in enumerate(outputs):
+            if output._version != version:
+                modifiers.setdefault(path, set()).add(running[-1] if running else "")
+                outputs[i] = (path, output, output._version)
 
     def enter(path: str):
         def hook(module: nn.Module, args: object) -> None:
             nonlocal events
+            changed()
+            running.append(path)
             open_calls.setdefault(path, []).append(events)
             events += 1
         return hook
@@ -66,6 +79,8 @@ def trace_calls(model: nn.Module, example: Tensor) -> CallTrace:
     def leave(path: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
             nonlocal events
+            changed()
+            running.pop()
             calls.setdefault(path, []).append((open_calls[path].pop(), events))
             returns_tensor[path] = returns_tensor.get(path, True) and isinstance(output, Tensor)
             if isinstance(output, Tensor):
@@ -83,8 +98,9 @@ def trace_calls(model: nn.Module, example: Tensor) -> CallTrace:
     finally:
         for handle in handles:
             handle.remove()
-    modified = frozenset(path for path, output, version in outputs if output._version != version)
-    return CallTrace(calls=calls, returns_tensor=returns_tensor, modified_in_place=modified)
+    changed()
+    return CallTrace(calls=calls, returns_tensor=returns_tensor,
+                     modifiers={path: frozenset(m) for path, m in modifiers.items()})
 
 
 def prefix_modules(trace: CallTrace, randomized: Iterable[str], *,
@@ -115,18 +131,20 @@ def _ancestors(path: str) -> Iterator[str]:
 class PrefixCache:
     """Records the outputs of the prefix modules in a trained forward; stubs them in a stage's.
 
-    ``paths`` is every module some stage stubs (the union of :func:`prefix_modules`). Outputs
-    of the ``modified_in_place`` modules (all, when None) are copied when recorded and
-    replayed, so in-place ops downstream cannot change what is kept; the others are passed on
-    as they are (a 31 MB copy per stub and stage, on ResNet-18's stem at 119 rows).
+    ``paths`` is every module some stage stubs (the union of :func:`prefix_modules`).
+    ``modifiers`` (:attr:`CallTrace.modifiers`; None: unknown, so every output counts as
+    modified) says whose outputs later in-place ops modify: those are copied when recorded,
+    and when replayed in a stage where a modifying module runs, so what is kept never
+    changes; the others are passed on as they are (each copy is 31 MB per stage at ResNet-18's
+    stem with 119 rows).
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], *,
-                 modified_in_place: Collection[str] | None = None) -> None:
+                 modifiers: Mapping[str, Collection[str]] | None = None) -> None:
         self.model = model
         self.paths = tuple(sorted(set(paths)))
         self.modules = {path: model.get_submodule(path) for path in self.paths}
-        self.copied = set(self.paths if modified_in_place is None else modified_in_place)
+        self.modifiers = modifiers
 
     @contextmanager
     def record(self) -> Iterator[dict[str, list[Tensor]]]:
@@ -137,7 +155,7 @@ class PrefixCache:
         def keep(path: str):
             def hook(module: nn.Module, args: object, output: Tensor) -> Tensor:
                 outputs[path].append(output)
-                return output.clone() if path in self.copied else output
+                return output.clone() if self._modified(path, ()) else output
             return hook
 
         handles = [module.register_forward_hook(keep(path))
@@ -159,19 +177,28 @@ class PrefixCache:
         """
         pairs: list[tuple[Tensor, Tensor]] = []
         patched = []
+        paths = tuple(paths)
         for path in paths:
             values = recorded[path]
             leaves = [v.detach().requires_grad_(grad) for v in values]
             if grad:
                 pairs.extend(zip(leaves, values))
             module = self.modules[path]
-            module.forward = _replay(path, leaves, copy=path in self.copied)
+            module.forward = _replay(path, leaves, copy=self._modified(path, paths))
             patched.append(module)
         try:
             yield pairs
         finally:
             for module in patched:
                 del module.forward
+
+
+    def _modified(self, path: str, stubbed: tuple[str, ...]) -> bool:
+        """Whether an in-place op may modify ``path``'s output while ``stubbed`` do not run."""
+        if self.modifiers is None:
+            return True
+        return any(not any(m == s or m.startswith(s + ".") for s in stubbed if s)
+                   for m in self.modifiers.get(path, ()))
 
 
 def _replay(path: str, leaves: list[Tensor], *, copy: bool):

@@ -41,10 +41,13 @@ def test_randomizing_the_head_stubs_the_whole_trunk(resnet_trace) -> None:
 
 
 def test_the_trace_knows_which_outputs_in_place_ops_modify(resnet_trace) -> None:
-    # ReLU(inplace=True) follows every BatchNorm but the second of each block (a sum follows)
-    modified = resnet_trace.modified_in_place
-    assert {"bn1", "layer1.0.bn1", "layer4.1.bn1"} <= modified
-    assert not {"conv1", "layer1.0.conv1", "layer1.0", "maxpool"} & modified
+    # ReLU(inplace=True) follows the first BatchNorm of the stem and of each block; the
+    # second's output gets the residual added in the block's own code, then its ReLU
+    modifiers = resnet_trace.modifiers
+    assert modifiers["bn1"] == {"relu"}
+    assert modifiers["layer1.0.bn1"] == {"layer1.0.relu"}
+    assert modifiers["layer4.1.bn2"] == {"layer4.1", "layer4.1.relu"}
+    assert not {"conv1", "layer1.0.conv1", "layer1.0", "maxpool"} & modifiers.keys()
 
 
 def test_a_module_called_again_after_the_cut_is_not_stubbed(resnet_trace) -> None:

@@ -254,20 +254,25 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
     prefixes = [()] + [prefix_modules(trace, stage.randomized, visible=layers)
                        if trace is not None else () for stage in stages[1:]]
     cache = PrefixCache(model, chain.from_iterable(prefixes),
-                        modified_in_place=trace.modified_in_place) if any(prefixes) else None
+                        modifiers=trace.modifiers) if any(prefixes) else None
     mode = ReluRuleMode(family) if family != "plain" else None
     relu_rules = (lambda: mode) if mode is not None else nullcontext
-    stem = [model.get_submodule(path) for path in
-            _stem_worth_pulling_back(model, base, per_stage)] if affine_stem else []
+    stem_paths = _stem_worth_pulling_back(model, base, per_stage) if affine_stem else ()
+    stem = [model.get_submodule(path) for path in stem_paths]
+    # stages whose stem runs (not stubbed, by itself or by an ancestor)
+    stem_runs = [bool(stem) and not any(stem_paths[-1] == p or stem_paths[-1].startswith(p + ".")
+                                        for p in prefix) for prefix in prefixes]
 
-    def forward(x: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    def forward(x: Tensor, targets: Tensor, stage: int
+                ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """The summed target logits, the layers' activations and the stem's output (None
         when the stem did not run: stubbed by the prefix cache)."""
         captured: dict[str, list[Tensor]] = {path: [] for path in layers}
         stem_out: list[Tensor] = []
         handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
                    for path in layers]
-        if stem:  # ahead of the prefix cache's and Grad-CAM's hooks: they see its clone
+        if stem_runs[stage]:  # ahead of the prefix cache's and Grad-CAM's hooks: they see
+            # its clone
             handles.append(stem[-1].register_forward_hook(_keep(stem_out), prepend=True))
         try:
             with EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
@@ -337,7 +342,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             if stage == 0:
                 recording = cache.record() if cache is not None else nullcontext({})
                 with recording as recorded:
-                    score, activations, reference = forward(x, targets_of(0, pieces))
+                    score, activations, reference = forward(x, targets_of(0, pieces), 0)
                 if first > 0:
                     continue
                 point = reference if stem else x
@@ -348,7 +353,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                 stubbing = cache.stub(prefixes[stage], recorded, grad=True) \
                     if cache is not None else nullcontext([])
                 with stubbing as leaves:
-                    score, activations, own_stem = forward(x, targets_of(stage, pieces))
+                    score, activations, own_stem = forward(x, targets_of(stage, pieces), stage)
                 point = own_stem if stem else x  # None: the stem was stubbed
                 ends = [point] if point is not None else []
                 grads = torch.autograd.grad(score, [*ends, *activations,

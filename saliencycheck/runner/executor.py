@@ -231,7 +231,7 @@ class UnitExecutor:
         model = self._enter(None)
         prefixes = [prefix_modules(trace, ref.modules) if trace else () for ref in self.stages]
         cache = PrefixCache(model, chain.from_iterable(prefixes),
-                            modified_in_place=trace.modified_in_place if trace else None)
+                            modifiers=trace.modifiers if trace else None)
         with torch.no_grad():
             with cache.record() as recorded:
                 logits = model(inputs)
