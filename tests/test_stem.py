@@ -38,26 +38,25 @@ class InputTwice(nn.Module):
         return self.head(torch.relu(self.conv(x)) + x)
 
 
-class SkipAroundNorm(nn.Module):
-    """The convolution's output also bypasses the BatchNorm: the stem ends at the conv."""
+class _ConvNorm(nn.Module):
+    """A convolution, a BatchNorm and a linear head, wired by each subclass's forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+
+
+class SkipAroundNorm(_ConvNorm):
+    """The convolution's output also bypasses the BatchNorm: the stem ends at the conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return self.head(torch.relu(self.bn(y)) + y)
 
 
-class InPlaceBetween(nn.Module):
+class InPlaceBetween(_ConvNorm):
     """A functional in-place ReLU between conv and BatchNorm: the stem ends at the conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
