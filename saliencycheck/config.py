@@ -356,7 +356,7 @@ class RuntimeConfig(Section):
         description=(
             "While units run, keep freed host memory for the next pass instead of returning "
             "it to the system (glibc's allocator; no effect elsewhere): saves the page faults "
-            "of fresh activations, 15-20 % of a CPU run's time."
+            "of fresh activations (ResNet-18 at 224x224 on a CPU: a third of each pass)."
         ),
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
