@@ -16,6 +16,7 @@ from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images
 from saliencycheck.errors import MethodError
+from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.invariance import compensated, pixel_shift
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.baselines import make_baseline
@@ -140,6 +141,12 @@ class UnitExecutor:
         return self._trace
 
     def run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
+        """One unit's scores, keeping freed host memory for the next pass while it runs
+        (``runtime.reuse_host_memory``; every backend runs its units through here)."""
+        with reused_host_memory(self.setup.config.runtime.reuse_host_memory):
+            return self._run(unit, progress)
+
+    def _run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
         setup = self.setup
         records, skipped = load_images([setup.images[i] for i in unit.image_indices],
                                        setup.preprocessing)

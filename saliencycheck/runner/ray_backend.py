@@ -15,7 +15,6 @@ from collections import deque
 from types import ModuleType
 
 from saliencycheck.errors import ConfigError, SaliencyCheckError
-from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.backends import Save, UnitProgress
 from saliencycheck.runner.plan import WorkUnit
@@ -62,8 +61,7 @@ class UnitWorker:
         self.executor = build_executor(spec)
 
     def run(self, unit: WorkUnit) -> UnitResult:
-        with reused_host_memory(self.executor.setup.config.runtime.reuse_host_memory):
-            return self.executor.run(unit, lambda *_: None)
+        return self.executor.run(unit, lambda *_: None)
 
 
 class RayBackend:

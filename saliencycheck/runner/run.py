@@ -20,7 +20,6 @@ import torch
 from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images
 from saliencycheck.errors import StoreError
-from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
@@ -199,9 +198,8 @@ def execute(setup: RunSetup, store: ResultStore, units: list[WorkUnit], *, progr
         "label_randomization": label_models.as_json() if label_models else None,
         "fidelity": precision_fidelity(setup) if todo else store.context().get("fidelity", {}),
     })
-    with reused_host_memory(setup.config.runtime.reuse_host_memory):
-        backend.run(todo, label_models=label_models, save=store.save,
-                    progress=lambda n, text: progress(n, total, text))
+    backend.run(todo, label_models=label_models, save=store.save,
+                progress=lambda n, text: progress(n, total, text))
     return len(todo)
 
 
