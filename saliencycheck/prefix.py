@@ -128,6 +128,11 @@ def _ancestors(path: str) -> Iterator[str]:
             yield path
 
 
+def stubbed_within(path: str, stubbed: Collection[str]) -> bool:
+    """Whether module ``path`` does not run because it or an ancestor is ``stubbed``."""
+    return bool(path) and any(p in stubbed for p in (path, *_ancestors(path)))
+
+
 class PrefixCache:
     """Records the outputs of the prefix modules in a trained forward; stubs them in a stage's.
 
@@ -197,8 +202,7 @@ class PrefixCache:
         """Whether an in-place op may modify ``path``'s output while ``stubbed`` do not run."""
         if self.modifiers is None:
             return True
-        return any(not any(m == s or m.startswith(s + ".") for s in stubbed if s)
-                   for m in self.modifiers.get(path, ()))
+        return any(not stubbed_within(m, stubbed) for m in self.modifiers.get(path, ()))
 
 
 def _replay(path: str, leaves: list[Tensor], *, copy: bool):

@@ -36,7 +36,13 @@ from saliencycheck.methods.registry import (
     register_method,
 )
 from saliencycheck.models import get_submodule
-from saliencycheck.prefix import CallTrace, PrefixCache, carry_to_input, prefix_modules
+from saliencycheck.prefix import (
+    CallTrace,
+    PrefixCache,
+    carry_to_input,
+    prefix_modules,
+    stubbed_within,
+)
 from saliencycheck.relu_rules import ReluRuleMode
 from saliencycheck.stem import find_affine_stem, pull_back
 
@@ -136,16 +142,15 @@ class GroupSum:
     layer: str | None = None
     needs_grads: bool = True
 
-    def row_weights(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(group, weight) of each row."""
-        weights = torch.as_tensor(self.weights, dtype=torch.float64)
-        return index // self.size, weights[index % self.size]
+    def weighted(self, index: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """(group of each row, ``w_k ·`` its gradient)."""
+        weights = torch.as_tensor(self.weights, dtype=grads.dtype)[index % self.size]
+        return index // self.size, grads * weights.to(grads.device).view(
+            -1, *([1] * (grads.ndim - 1)))
 
     def add(self, index: Tensor, inputs: Tensor, grads: Tensor | None,
             pair: LayerPair | None) -> None:
-        groups, weights = self.row_weights(index)
-        weights = weights.to(grads.device, grads.dtype).view(-1, *([1] * (grads.ndim - 1)))
-        self.total.add(groups, grads * weights)
+        self.total.add(*self.weighted(index, grads))
 
     def add_sums(self, groups: Tensor, sums: Tensor) -> None:
         """Sums already formed over the rows of each of ``groups``."""
@@ -260,8 +265,8 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
     stem_paths = _stem_worth_pulling_back(model, base, per_stage) if affine_stem else ()
     stem = [model.get_submodule(path) for path in stem_paths]
     # stages whose stem runs (not stubbed, by itself or by an ancestor)
-    stem_runs = [bool(stem) and not any(stem_paths[-1] == p or stem_paths[-1].startswith(p + ".")
-                                        for p in prefix) for prefix in prefixes]
+    stem_runs = [bool(stem) and not stubbed_within(stem_paths[-1], prefix)
+                 for prefix in prefixes]
 
     def forward(x: Tensor, targets: Tensor, stage: int
                 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
@@ -433,28 +438,28 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def _capture(path: str, store: list[Tensor]):
-    """Forward hook keeping the layer's own output and passing a clone downstream, so a later
-    in-place op (DenseNet's ``F.relu(features, inplace=True)``) cannot overwrite it."""
+def _keep(store: list[Tensor]):
+    """Forward hook keeping the module's output and passing a clone downstream, so a later
+    in-place op (ResNet's ``ReLU(inplace=True)``) cannot change what is kept."""
 
-    def hook(module: nn.Module, args: object, output: object) -> Tensor:
-        if not (isinstance(output, Tensor) and output.ndim == 4):
-            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise MethodError(f"gradcam: layer {path!r} outputs {got}, not a (N, K, h, w) "
-                              "feature map; choose a convolutional layer")
+    def hook(module: nn.Module, args: object, output: Tensor) -> Tensor:
         store.append(output)
         return output.clone()
 
     return hook
 
 
-def _keep(store: list[Tensor]):
-    """Forward hook keeping the module's output and passing a clone downstream (so in-place
-    ops after it cannot change what is kept)."""
+def _capture(path: str, store: list[Tensor]):
+    """:func:`_keep` for a Grad-CAM layer, whose output must be a (N, K, h, w) feature map
+    (DenseNet's ``F.relu(features, inplace=True)`` would otherwise overwrite it)."""
+    keep = _keep(store)
 
-    def hook(module: nn.Module, args: object, output: Tensor) -> Tensor:
-        store.append(output)
-        return output.clone()
+    def hook(module: nn.Module, args: object, output: object) -> Tensor:
+        if not (isinstance(output, Tensor) and output.ndim == 4):
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise MethodError(f"gradcam: layer {path!r} outputs {got}, not a (N, K, h, w) "
+                              "feature map; choose a convolutional layer")
+        return keep(module, args, output)
 
     return hook
 
@@ -472,9 +477,8 @@ def _stem_worth_pulling_back(model: nn.Module, base: dict[Hashable, _Segment],
 
 def _group_sums(consumer: GroupSum, index: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """(groups, Σ_rows∈group w · grad) of one piece's rows."""
-    groups, weights = consumer.row_weights(index)
+    groups, weighted = consumer.weighted(index, grad)
     groups, inverse = torch.unique(groups, return_inverse=True)
-    weighted = grad * weights.to(grad.device, grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
     summed = grad.new_zeros((len(groups), *grad.shape[1:]))
     return groups, summed.index_add_(0, inverse.to(grad.device), weighted)
 
