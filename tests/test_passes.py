@@ -172,3 +172,39 @@ def test_gauss_lobatto_shares_the_input_rows_with_the_gradient(batch) -> None:
         handle.remove()
     with pytest.raises(Exception, match="steps >= 2"):
         resolve_method({"name": "integrated_gradients", "steps": 1, "rule": "gauss_lobatto"})
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 4])
+def test_the_passes_keep_the_images_logits_of_every_state(batch, chunk_size: int) -> None:
+    from saliencycheck.methods.passes import KeptLogits, RowSource, StageRequests, run_staged
+
+    model, inputs, targets = batch
+    model = small_cnn()  # its own copy: states are entered by swapping the last weight
+    weights = {"trained": model[-1].weight, "other": -2.0 * model[-1].weight.detach()}
+
+    def enter(state: str) -> nn.Module:
+        model[-1].weight = nn.Parameter(weights[state], requires_grad=False)
+        return model
+
+    context = AttributionContext(mean=(0.5,) * 3, std=(0.5,) * 3, chunk_size=chunk_size)
+    # integrated gradients' rows come first in the passes; the images' rows are read by
+    # gradient (plain) and guided backprop (guided)
+    names = [{"name": "integrated_gradients", "steps": 3}, "gradient", "guided_backprop"]
+    for methods, reads_images in ((names, True), (names[:1], False)):
+        resolved = [resolve_method(m) for m in methods]
+        source = RowSource.of(inputs, targets)
+        kept = []
+        stages = []
+        for state in weights:
+            plans = [m.spec.plan(model, source, context, **dict(m.params)) for m in resolved]
+            kept.append(KeptLogits(key=source.key, count=len(inputs)))
+            stages.append(StageRequests(enter=lambda s=state: enter(s), logits=kept[-1],
+                                        requests=[r for p in plans for r in p.requests]))
+        run_staged(stages, context)
+        for state, logits in zip(weights, kept):
+            if not reads_images:
+                assert logits.value is None  # no pass pushed the images themselves
+                continue
+            with torch.no_grad():
+                expected = enter(state)(inputs)
+            torch.testing.assert_close(logits.value, expected.float(), rtol=1e-6, atol=1e-6)

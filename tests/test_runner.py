@@ -71,3 +71,26 @@ def test_progress_advances_exactly_to_its_total(project: Path) -> None:  # noqa:
     run_check(setup, progress=progress)
     assert seen["total"] == setup.steps_per_unit * 3  # 3 units of 2 image files
     assert seen["done"] == pytest.approx(seen["total"])
+
+
+def test_stage_logits_from_the_passes_equal_those_of_own_forwards(project: Path) -> None:  # noqa: F811
+    # Gradient's passes push the images through every stage: their logits are read there
+    # instead of from a no-grad forward per stage; stages.csv's numbers must not move.
+    from saliencycheck.runner.executor import UnitExecutor
+
+    setup = prepare(load_config(project / "config.yaml", ["output.figures=false",
+                                                          "tests.independent.enabled=true"]))
+    unit = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)[0]
+    observations = []
+    for from_passes in (True, False):
+        executor = UnitExecutor(setup)
+        assert executor.logits_from_passes  # the default: target_on_randomized 'original'
+        if not from_passes:
+            executor.logits_from_passes, executor.forward_refs = False, executor.stages
+        observations.append(executor.run(unit, lambda *_: None).stages)
+    passes, forwards = observations
+    assert [(o.test, o.stage_index, o.n) for o in passes] == \
+        [(o.test, o.stage_index, o.n) for o in forwards]
+    for a, b in zip(passes, forwards):
+        assert a.relative_l2_sum == pytest.approx(b.relative_l2_sum, rel=1e-5, abs=1e-6)
+        assert a.top1_agreement_sum == b.top1_agreement_sum

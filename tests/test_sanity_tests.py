@@ -118,8 +118,8 @@ def test_group_maps_computes_one_model_state_once(project) -> None:
     executor = UnitExecutor(setup)
     inputs = torch.randn(2, 3, 32, 32)
     targets = torch.tensor([0, 1])
-    maps = executor.group_maps(inputs, [targets] * (1 + len(executor.pass_refs)), None,
-                               lambda _: None)
+    maps, _ = executor.group_maps(inputs, [targets] * (1 + len(executor.pass_refs)), None,
+                                  lambda _: None)
     names = [(r.test, r.stage.index) for r in executor.pass_refs]
     final = len(setup.stages["cascading"])
     at = {name: maps[1 + k] for k, name in enumerate(names)}

@@ -109,6 +109,11 @@ def normalise(pixels: Tensor, context: AttributionContext) -> Tensor:
 
 def target_logits(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
     """The pre-softmax score of each row's target class, shape (rows,)."""
+    return select_targets(model_logits(model, x), targets)
+
+
+def model_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``, checked to be logits (rows, classes)."""
     out = model(x)
     if not (isinstance(out, Tensor) and out.ndim == 2):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -116,6 +121,11 @@ def target_logits(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
             f"the model must return logits (N, classes), got {got}; wrap it so forward returns "
             "the logits tensor"
         )
+    return out
+
+
+def select_targets(out: Tensor, targets: Tensor) -> Tensor:
+    """Each row's logit of its target class, (rows, classes) -> (rows,)."""
     if int(targets.min()) < 0 or int(targets.max()) >= out.shape[1]:
         raise MethodError(
             f"target class out of range for a model with {out.shape[1]} outputs "

@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from saliencycheck.errors import MethodError
 from saliencycheck.eval_norm import EvalBatchNormMode
-from saliencycheck.methods.base import AttributionContext, check_call, target_logits
+from saliencycheck.methods.base import (
+    AttributionContext,
+    check_call,
+    model_logits,
+    select_targets,
+)
 from saliencycheck.methods.registry import (
     MethodParams,
     NoParams,
@@ -177,13 +182,31 @@ class ChunkSize:
 
 
 @dataclass
+class KeptLogits:
+    """The full logits (count, classes) of the rows of source ``key``, kept as the passes
+    compute them, so a caller needs no forward of its own to see how a state moves them."""
+
+    key: Hashable
+    count: int
+    value: Tensor | None = field(default=None, repr=False)
+
+    def add(self, index: Tensor, logits: Tensor) -> None:
+        if self.value is None:
+            self.value = logits.new_zeros((self.count, logits.shape[1]))
+        self.value[index.to(logits.device)] = logits
+
+
+@dataclass
 class StageRequests:
     """The requests of one model state: ``enter()`` puts the working model in that state and
-    returns it; ``randomized`` names the modules this state changed (for the prefix cache)."""
+    returns it; ``randomized`` names the modules this state changed (for the prefix cache);
+    ``logits``, if given, receives the logits of its source's rows (left empty when no
+    request reads that source)."""
 
     enter: Callable[[], nn.Module]
     requests: list[Request]
     randomized: tuple[str, ...] = ()
+    logits: KeptLogits | None = None
 
 
 def run_requests(model: nn.Module, requests: Sequence[Request],
@@ -214,12 +237,15 @@ def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
                 for family in ("plain", "guided", "deconvnet")}
     total = sum(len(stages) * s.source.count for selected in families.values()
                 for s in _segments(selected[0]).values())
+    wanted = {stage.logits.key for stage in stages if stage.logits is not None}
     for family, selected in families.items():
         if selected[0]:
+            keys = {r.source.key for r in selected[0]}
             _run_family(stages, family, selected, size=size, precision=context.precision,
-                        affine_stem=context.affine_stem,
+                        affine_stem=context.affine_stem, keep_logits=bool(wanted & keys),
                         trace=trace, progress=(lambda rows: progress(rows / total))
                         if progress else None)
+            wanted -= keys  # one family's forward is enough: the ReLU rules change no forward
     return size
 
 
@@ -244,7 +270,7 @@ Piece = tuple[Hashable, Tensor]  # (source key, row indices)
 
 def _run_family(stages: Sequence[StageRequests], family: Family,
                 requests: list[list[Request]], *, size: ChunkSize, precision: str,
-                affine_stem: bool, trace: CallTrace | None,
+                affine_stem: bool, keep_logits: bool, trace: CallTrace | None,
                 progress: Callable[[int], None] | None) -> None:
     per_stage = [_segments(r) for r in requests]
     base = per_stage[0]
@@ -268,10 +294,11 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
     stem_runs = [bool(stem) and not stubbed_within(stem_paths[-1], prefix)
                  for prefix in prefixes]
 
-    def forward(x: Tensor, targets: Tensor, stage: int
+    def forward(x: Tensor, targets: Tensor, stage: int, pieces: list[Piece]
                 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """The summed target logits, the layers' activations and the stem's output (None
-        when the stem did not run: stubbed by the prefix cache)."""
+        when the stem did not run: stubbed by the prefix cache); the stage's kept logits
+        receive their rows."""
         captured: dict[str, list[Tensor]] = {path: [] for path in layers}
         stem_out: list[Tensor] = []
         handles = [modules[path].register_forward_hook(_capture(path, captured[path]))
@@ -281,10 +308,18 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             handles.append(stem[-1].register_forward_hook(_keep(stem_out), prepend=True))
         try:
             with EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
-                score = target_logits(model, x, targets).float().sum()
+                out = model_logits(model, x)
+                score = select_targets(out, targets).float().sum()
         finally:
             for handle in handles:
                 handle.remove()
+        kept = stages[stage].logits
+        if keep_logits and kept is not None:
+            start = 0
+            for key, index in pieces:
+                if key == kept.key:
+                    kept.add(index, out[start:start + len(index)].detach().float())
+                start += len(index)
         return (score, [_last_activation(path, captured[path]) for path in layers],
                 stem_out[-1] if stem_out else None)
 
@@ -347,7 +382,8 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             if stage == 0:
                 recording = cache.record() if cache is not None else nullcontext({})
                 with recording as recorded:
-                    score, activations, reference = forward(x, targets_of(0, pieces), 0)
+                    score, activations, reference = forward(x, targets_of(0, pieces), 0,
+                                                             pieces)
                 if first > 0:
                     continue
                 point = reference if stem else x
@@ -358,7 +394,8 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                 stubbing = cache.stub(prefixes[stage], recorded, grad=True) \
                     if cache is not None else nullcontext([])
                 with stubbing as leaves:
-                    score, activations, own_stem = forward(x, targets_of(stage, pieces), stage)
+                    score, activations, own_stem = forward(x, targets_of(stage, pieces), stage,
+                                                            pieces)
                 point = own_stem if stem else x  # None: the stem was stubbed
                 ends = [point] if point is not None else []
                 grads = torch.autograd.grad(score, [*ends, *activations,

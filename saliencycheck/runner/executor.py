@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import ENTROPY_RISE
@@ -20,7 +20,13 @@ from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.invariance import compensated, pixel_shift
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.baselines import make_baseline
-from saliencycheck.methods.passes import RowSource, StageRequests, compute_maps, run_staged
+from saliencycheck.methods.passes import (
+    KeptLogits,
+    RowSource,
+    StageRequests,
+    compute_maps,
+    run_staged,
+)
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute, reduce_channels, sobel_magnitude
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
@@ -124,9 +130,15 @@ class UnitExecutor:
         self.smooth_refs = [ref for ref in self.stages if ref.test == SMOOTH_TEST]
         self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
                            for k in (1, 2)] if setup.floor_stage else []
+        # The stage logits (stages.csv, and the explained class with 'recompute') come from a
+        # no-grad forward of their own only where the passes cannot give them: with
+        # 'recompute' they are needed before the passes, in reduced precision they would
+        # differ from the fp32 logits, and sMPRT's passes see noisy images.
+        runtime = setup.config.runtime
+        self.logits_from_passes = (tests.target_on_randomized == "original"
+                                   and runtime.precision == "fp32")
+        self.forward_refs = self.smooth_refs if self.logits_from_passes else self.stages
         self._trace: CallTrace | None = None
-        self._unchanged: set[tuple[str, int, int]] = set()  # this unit's stages that did not
-        # move the logits: (test, stage index, repeat)
 
     def _enter(self, ref: _StageRef | None) -> nn.Module:
         options = self._options if ref is None or ref.seed is None \
@@ -158,22 +170,24 @@ class UnitExecutor:
         inputs = torch.stack([r.tensor for r in records]).to(setup.device)
         trace = self.prefix_trace(inputs[:1])
         try:
-            logits, stage_logits = self._logits(inputs, trace)
+            logits, forward_logits = self._logits(inputs, trace, self.forward_refs)
             targets = compute_targets(setup, ids, logits)
-            explained = [stage_logits[i].argmax(dim=1)
+            observed = {ref: (logits, z) for ref, z in zip(self.forward_refs, forward_logits)}
+            explained = [observed[ref][1].argmax(dim=1)
                          if setup.config.tests.target_on_randomized == "recompute" else targets
-                         for i in range(len(self.stages))]
-            self._observe_stages(result, logits, stage_logits)
+                         for ref in self.stages]
             pass_explained = [e for ref, e in zip(self.stages, explained)
                               if ref.test != SMOOTH_TEST]
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
+            pass_logits: list[list[Tensor | None]] = []  # per group: trained, then pass_refs
             for group in self.groups(inputs, targets):
                 share = setup.pass_steps * (group.stop - group.start) / len(ids)
                 group_explained = [e[group] for e in pass_explained]
-                maps = self.group_maps(inputs[group], [targets[group], *group_explained], trace,
-                                       lambda done, g=group, share=share: progress(
-                                           done * share, f"{unit.id}: images {g.start + 1}–"
-                                           f"{g.stop} of {len(ids)}"))
+                maps, kept = self.group_maps(
+                    inputs[group], [targets[group], *group_explained], trace,
+                    lambda done, g=group, share=share: progress(
+                        done * share, f"{unit.id}: images {g.start + 1}–{g.stop} of {len(ids)}"))
+                pass_logits.append(kept[:1 + len(self.pass_refs)])
                 scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
                            for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
@@ -205,45 +219,67 @@ class UnitExecutor:
                                    [e for ref, e in zip(self.stages, explained)
                                     if ref.test == SMOOTH_TEST], trace,
                                    lambda done, text: progress(done, f"{unit.id}: {text}"))
+            if self.logits_from_passes:
+                observed.update(self._pass_logits(inputs, trace, pass_logits))
+            self._observe_stages(result, [(ref, *observed[ref]) for ref in self.stages])
         finally:
             self._enter(None)
         if setup.config.output.save_maps:
             self._save_raw_maps(raw_maps)
         return result
 
-    def _observe_stages(self, result: UnitResult, logits: torch.Tensor,
-                        stage_logits: list[torch.Tensor]) -> None:
-        """How far each stage moved the logits (stored, pooled into stages.csv), and which
-        stages moved none (their rows get :data:`UNCHANGED_NOTE`)."""
-        n = len(logits)
-        self._unchanged = set()
+    def _pass_logits(self, inputs: torch.Tensor, trace: CallTrace | None,
+                     groups: list[list[Tensor | None]]
+                     ) -> dict[_StageRef, tuple[Tensor, Tensor]]:
+        """(trained, stage) logits of every pass stage, as the passes computed them, each
+        group's rows in order; both from the passes, so a stage that changes nothing shows
+        exactly no change. A no-grad forward where no method's passes read the images."""
+        stacked = [torch.cat(parts) if all(p is not None for p in parts) else None
+                   for parts in zip(*groups)]
+        trained, stages = stacked[0], stacked[1:]
+        if trained is None:
+            trained, stages = self._logits(inputs, trace, self.pass_refs)
+        return {ref: (trained, z) for ref, z in zip(self.pass_refs, stages)}
+
+    def _observe_stages(self, result: UnitResult,
+                        observed: list[tuple[_StageRef, Tensor, Tensor]]) -> None:
+        """How far each stage moved the logits (stored, pooled into stages.csv), from
+        (stage, trained logits, stage logits) in :attr:`stages` order; rows of stages that
+        moved none get :data:`UNCHANGED_NOTE`."""
+        unchanged = set()
         previous: dict[tuple[str, int], torch.Tensor] = {}  # per (test, repeat)
-        for ref, z in zip(self.stages, stage_logits):
+        for ref, logits, z in observed:
+            n = len(logits)
             change = logit_change(logits, z)  # means over this unit's images
             # what this stage itself randomized: cumulative tests add to the last stage
             before = previous.get((ref.test, ref.repeat), logits) \
                 if ref.test in CUMULATIVE_TESTS else logits
             if logit_change(before, z)["relative_l2"] <= UNCHANGED_LOGITS:
-                self._unchanged.add((ref.test, ref.stage.index, ref.repeat))
+                unchanged.add((ref.test, ref.stage.index, ref.repeat))
             previous[(ref.test, ref.repeat)] = z
             result.stages.append(StageObservation(
                 test=ref.test, stage_index=ref.stage.index, n=n,
                 relative_l2_sum=change["relative_l2"] * n,
                 top1_agreement_sum=change["top1_agreement"] * n))
+        if unchanged:
+            result.rows = [replace(row, note="; ".join(n for n in (row.note, UNCHANGED_NOTE)
+                                                       if n))
+                           if (row.test, row.stage_index, row.repeat) in unchanged else row
+                           for row in result.rows]
 
-    def _logits(self, inputs: torch.Tensor, trace: CallTrace | None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The trained logits and those of every stage; a stage runs only the modules at and
-        after its first randomized one."""
+    def _logits(self, inputs: torch.Tensor, trace: CallTrace | None,
+                refs: list[_StageRef]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trained logits and those of each of ``refs``; a stage runs only the modules at
+        and after its first randomized one."""
         model = self._enter(None)
-        prefixes = [prefix_modules(trace, ref.modules) if trace else () for ref in self.stages]
+        prefixes = [prefix_modules(trace, ref.modules) if trace else () for ref in refs]
         cache = PrefixCache(model, chain.from_iterable(prefixes),
                             modifiers=trace.modifiers if trace else None)
         with torch.no_grad():
             with cache.record() as recorded:
                 logits = model(inputs)
             stage_logits = []
-            for ref, prefix in zip(self.stages, prefixes):
+            for ref, prefix in zip(refs, prefixes):
                 self._enter(ref)
                 with cache.stub(prefix, recorded, grad=False):
                     stage_logits.append(model(inputs))
@@ -272,12 +308,14 @@ class UnitExecutor:
 
     def group_maps(self, inputs: torch.Tensor, targets: list[torch.Tensor],
                    trace: CallTrace | None, progress: Callable[[float], None],
-                   refs: list[_StageRef | None] | None = None) -> list[dict[str, torch.Tensor]]:
+                   refs: list[_StageRef | None] | None = None
+                   ) -> tuple[list[dict[str, Tensor]], list[Tensor | None]]:
         """Raw maps of every method for each of ``refs`` (None: the trained model), explaining
-        ``targets`` (one per ref). By default the refs are the trained model, every stage of
-        the shared passes and the floor's two random copies (last; they explain the trained
-        model's targets, so ``targets`` need not list them). Refs of one model state
-        (:attr:`_StageRef.key`) with equal targets are computed once."""
+        ``targets`` (one per ref), and each ref's logits of the images as the passes computed
+        them (None where no pass read the images). By default the refs are the trained model,
+        every stage of the shared passes and the floor's two random copies (last; they
+        explain the trained model's targets, so ``targets`` need not list them). Refs of one
+        model state (:attr:`_StageRef.key`) with equal targets are computed once."""
         setup = self.setup
         if refs is None:
             refs = [None, *self.pass_refs, *self.floor_refs]
@@ -294,11 +332,14 @@ class UnitExecutor:
             plans.append({m.label: m.spec.plan(self.randomized.model, source, setup.context,
                                                **dict(m.params))
                           for m in setup.methods if m.spec.plan is not None})
+        kept = [KeptLogits(key=RowSource.of(inputs, targets[0]).key, count=len(inputs))
+                for _ in firsts]
         run_staged([StageRequests(enter=partial(self._enter, refs[index]),
                                   requests=[r for plan in stage_plans.values()
                                             for r in plan.requests],
-                                  randomized=refs[index].modules if refs[index] else ())
-                    for index, stage_plans in zip(firsts, plans)],
+                                  randomized=refs[index].modules if refs[index] else (),
+                                  logits=logits)
+                    for index, stage_plans, logits in zip(firsts, plans, kept)],
                    setup.context, trace, progress=progress)
         maps = []
         for index, stage_plans in zip(firsts, plans):
@@ -306,7 +347,7 @@ class UnitExecutor:
             maps.append({m.label: stage_plans[m.label].finish() if m.label in stage_plans
                          else m(model, inputs, targets[index], setup.context)
                          for m in setup.methods})
-        return [maps[slot] for slot in slots]
+        return [maps[slot] for slot in slots], [kept[slot].value for slot in slots]
 
     def _score_group(self, result: UnitResult, raw_maps: dict[str, dict[str, np.ndarray]],
                      ids: list[str], targets: torch.Tensor, explained: list[torch.Tensor],
@@ -358,7 +399,7 @@ class UnitExecutor:
             noisy = self._noisy_copies(ids[group], inputs[group])
             stage_targets = [t[group].repeat_interleave(copies)
                              for t in (targets, *explained)]
-            maps = self.group_maps(noisy, stage_targets, trace, lambda done, n=count: progress(
+            maps, _ = self.group_maps(noisy, stage_targets, trace, lambda done, n=count: progress(
                 done * setup.smooth_steps * n / len(ids), "smooth MPRT"), refs=refs)
             smoothed = [{label: m.view(count, copies, *m.shape[1:]).mean(dim=1)
                          for label, m in stage.items()} for stage in maps]
@@ -505,8 +546,6 @@ class UnitExecutor:
                 repeat: int = 0) -> None:
         setup = self.setup
         note = self._label_note if test == LABEL_TEST else ""
-        if (test, stage_index, repeat) in self._unchanged:
-            note = UNCHANGED_NOTE
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, method_scores in scores.items():
             for metric, score in method_scores.items():
