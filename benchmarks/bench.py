@@ -11,7 +11,7 @@ images, targets, methods, stage list and metrics (see benchmarks/README.md):
 2. Quantus MPRT with Captum methods, one MPRT call per method, both metrics in the call;
 3. naive bare compute: each method's own passes, full forward every time (benchmarks/naive.py);
 4. minimal bare compute: the executor's shared, prefix-cached passes for the trained model and
-   every stage (``UnitExecutor.group_maps``), no logits pass, no metrics, no I/O.
+   every stage (``UnitExecutor.group_maps``), no metrics, no I/O.
 
 Each contender is warmed up once (trained model and the first stage) before timing; times are
 wall-clock (``time.perf_counter``, CUDA synchronised), the minimum over ``--repeat`` runs is
@@ -617,9 +617,10 @@ NOTES = """
 - Both metrics are computed inside each Quantus MPRT call by one `similarity_func` that returns
   Quantus's `correlation_spearman` and records Quantus's `ssim` (on flattened 1-D maps, as
   Quantus does); a user with two MPRT calls would pay every explanation twice.
-- "minimal" does not include saliencycheck's prefix-cached no-grad forward per stage (the logit
-  change written to stages.csv), its metrics or its CSV writing; "naive" and "minimal" include
-  the forward that picks the targets and the randomization of each stage.
+- "minimal" does not include saliencycheck's metrics or its CSV writing (the stage logits for
+  stages.csv need no pass of their own here: saliencycheck reads them from the passes of the
+  images, which "minimal" runs too); "naive" and "minimal" include the forward that picks the
+  targets and the randomization of each stage.
 - "naive" runs the stage models with their parameters requiring grad, as a user's model
   comes; saliencycheck's working copy turns that off (5–10 % faster passes), one of its
   savings.
