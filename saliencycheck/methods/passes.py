@@ -59,6 +59,9 @@ class ReluRuleWarning(UserWarning):
     """A modified-backward method met activations other than ReLU and left them unmodified."""
 
 
+IMAGES_KEY: Hashable = ("images",)  # the source key of the images themselves
+
+
 @dataclass(frozen=True)
 class RowSource:
     """A virtual batch of inputs: ``count`` rows, built on demand for any row indices."""
@@ -70,7 +73,7 @@ class RowSource:
     @staticmethod
     def of(inputs: Tensor, targets: Tensor) -> RowSource:
         """The images themselves: rows are ``inputs[i]`` explaining ``targets[i]``."""
-        return RowSource(key=("images",), count=inputs.shape[0],
+        return RowSource(key=IMAGES_KEY, count=inputs.shape[0],
                          build=lambda index: (inputs[index], targets[index]))
 
 

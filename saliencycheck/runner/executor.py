@@ -21,6 +21,7 @@ from saliencycheck.invariance import compensated, pixel_shift
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.baselines import make_baseline
 from saliencycheck.methods.passes import (
+    IMAGES_KEY,
     KeptLogits,
     RowSource,
     StageRequests,
@@ -332,8 +333,7 @@ class UnitExecutor:
             plans.append({m.label: m.spec.plan(self.randomized.model, source, setup.context,
                                                **dict(m.params))
                           for m in setup.methods if m.spec.plan is not None})
-        kept = [KeptLogits(key=RowSource.of(inputs, targets[0]).key, count=len(inputs))
-                for _ in firsts]
+        kept = [KeptLogits(key=IMAGES_KEY, count=len(inputs)) for _ in firsts]
         run_staged([StageRequests(enter=partial(self._enter, refs[index]),
                                   requests=[r for plan in stage_plans.values()
                                             for r in plan.requests],
