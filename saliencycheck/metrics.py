@@ -4,7 +4,8 @@ The metrics of Adebayo et al. (2018, arXiv:1810.03292) and their code: Spearman 
 correlation of the absolute and of the signed maps, Pearson correlation, SSIM and HOG
 similarity. Every metric takes two batches of postprocessed maps, ``a`` (reference) and ``b``
 (candidate), of the same shape (B, H, W) or (B, n), and returns :class:`Scores` with one value
-per pair, computed on the maps' device (HOG descriptors alone are computed on the CPU).
+per pair, computed on the maps' device. :class:`ReferenceScorer` does the reference's own
+work (its views, ranks and HOG descriptors) once and scores every candidate against it.
 
 An undefined score (a constant map has no rank correlation) is NaN with a reason, never an
 exception and never a warning.
@@ -12,10 +13,9 @@ exception and never a warning.
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,27 +38,42 @@ class Scores:
     reasons: tuple[str, ...]
 
 
+Compare = Callable[[Tensor], Scores]
+"""Scores of candidate maps against a reference bound beforehand."""
+
+
 @dataclass(frozen=True)
 class MetricSpec:
-    """A registered metric: ``fn(a, b) -> Scores`` reads the postprocessed ``view`` of the maps."""
+    """A registered metric: ``fn(a, b) -> Scores`` reads the postprocessed ``view`` of the maps.
+
+    ``against(reference, **options)``, where given, does the work that depends on the reference
+    alone (ranks, descriptors) once and returns the :data:`Compare` for its candidates."""
 
     name: str
-    fn: Callable[[Tensor, Tensor], Scores]
+    fn: Callable[..., Scores]
     view: View
     description: str
     higher_is_similar: bool = True
+    against: Callable[..., Compare] | None = None
+
+    def bind(self, reference: Tensor, **options: float) -> Compare:
+        """The scores of candidates against ``reference`` (its ``view``)."""
+        if self.against is not None:
+            return self.against(reference, **options)
+        return partial(self.fn, reference, **options)
 
 
 METRICS: dict[str, MetricSpec] = {}
 
 
 def register_metric(
-    name: str, *, view: View, description: str, higher_is_similar: bool = True
-) -> Callable[[Callable[[Tensor, Tensor], Scores]], Callable[[Tensor, Tensor], Scores]]:
+    name: str, *, view: View, description: str, higher_is_similar: bool = True,
+    against: Callable[..., Compare] | None = None,
+) -> Callable[[Callable[..., Scores]], Callable[..., Scores]]:
     """Decorator: add ``fn`` to :data:`METRICS` under ``name``, reading ``view``."""
 
-    def decorator(fn: Callable[[Tensor, Tensor], Scores]) -> Callable[[Tensor, Tensor], Scores]:
-        METRICS[name] = MetricSpec(name, fn, view, description, higher_is_similar)
+    def decorator(fn: Callable[..., Scores]) -> Callable[..., Scores]:
+        METRICS[name] = MetricSpec(name, fn, view, description, higher_is_similar, against)
         return fn
 
     return decorator
@@ -77,15 +92,18 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Check two (B, ...) batches match and flatten them to (B, n) in the working dtype."""
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    """Check two batches of maps, (B, ...), have one shape."""
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(
             f"expected two batches of maps of one shape (B, ...), got {tuple(a.shape)} "
             f"and {tuple(b.shape)}"
         )
-    dtype = _work_dtype(a.device)
-    return a.flatten(start_dim=1).to(dtype), b.flatten(start_dim=1).to(dtype)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """A (B, ...) batch flattened to (B, n) in the working dtype."""
+    return x.flatten(start_dim=1).to(_work_dtype(x.device))
 
 
 def _side_reasons(bad_a: Tensor, bad_b: Tensor, what: str) -> list[str]:
@@ -157,53 +175,33 @@ def average_ranks(x: Tensor) -> Tensor:
     return torch.empty_like(average).scatter_(1, order, average)
 
 
-class _RankCache:
-    """The ranks of the last few references (first arguments) ranked, so a reference scored
-    against every stage (:class:`ReferenceScorer`: one per method and view) is sorted once,
-    not once per stage. An entry holds only a weak reference and the tensor's version: a new
-    or modified tensor is never mistaken for it."""
+def _correlation_against(reference: Tensor, *, rank: bool, noun: str = "map") -> Compare:
+    """Pearson (or, with ``rank``, Spearman) correlation of candidates with ``reference``,
+    per pair with NaN reasons; the reference is flattened and ranked once, here."""
+    ref = _flat(reference)
+    ref_values = average_ranks(ref) if rank else ref
 
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.entries: OrderedDict[int, tuple[weakref.ref, int, Tensor]] = OrderedDict()
+    def compare(candidate: Tensor) -> Scores:
+        _check_pair(reference, candidate)
+        cand = _flat(candidate)
+        mask, reasons = _undefined(ref, cand, noun=noun, constant_too=True)
+        values = _pearson_flat(ref_values, average_ranks(cand) if rank else cand)
+        return Scores(values.masked_fill(mask, float("nan")), reasons)
 
-    def ranks(self, original: Tensor, flat: Tensor) -> Tensor:
-        """:func:`average_ranks` of ``flat``, the flattened working copy of ``original``."""
-        entry = self.entries.get(id(original))
-        if entry is not None and entry[0]() is original and entry[1] == original._version \
-                and entry[2].dtype == flat.dtype:
-            self.entries.move_to_end(id(original))
-            return entry[2]
-        ranked = average_ranks(flat)
-        self.entries[id(original)] = (weakref.ref(original), original._version, ranked)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return ranked
-
-
-_RANKS = _RankCache()
-
-
-def _correlation(a: Tensor, b: Tensor, *, rank: bool, noun: str = "map") -> Scores:
-    """Pearson (or, with ``rank``, Spearman) correlation per pair with NaN reasons."""
-    original_a = a
-    a, b = _flat_pair(a, b)
-    mask, reasons = _undefined(a, b, noun=noun, constant_too=True)
-    if rank:
-        a, b = _RANKS.ranks(original_a, a), average_ranks(b)
-    values = _pearson_flat(a, b).masked_fill(mask, float("nan"))
-    return Scores(values, reasons)
+    return compare
 
 
 @register_metric(
     "spearman",
     view="signed",
     description="Spearman rank correlation of the signed maps (the paper's 'no ABS').",
+    against=partial(_correlation_against, rank=True),
 )
 @register_metric(
     "spearman_abs",
     view="absolute",
     description="Spearman rank correlation of the absolute maps (the paper's 'ABS').",
+    against=partial(_correlation_against, rank=True),
 )
 def spearman(a: Tensor, b: Tensor) -> Scores:
     """Spearman rank correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
@@ -211,20 +209,21 @@ def spearman(a: Tensor, b: Tensor) -> Scores:
     Ties get average ranks, so it equals ``scipy.stats.spearmanr``; ties are common because
     the absolute view clips its top 1 % to 1. NaN for a constant or non-finite map.
     """
-    return _correlation(a, b, rank=True)
+    return _correlation_against(a, rank=True)(b)
 
 
 @register_metric(
     "pearson",
     view="absolute",
     description="Pearson correlation of the absolute maps.",
+    against=partial(_correlation_against, rank=False),
 )
 def pearson(a: Tensor, b: Tensor) -> Scores:
     """Pearson correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
 
     Equals ``scipy.stats.pearsonr``; NaN for a constant or non-finite map.
     """
-    return _correlation(a, b, rank=False)
+    return _correlation_against(a, rank=False)(b)
 
 
 def _check_images(a: Tensor, b: Tensor) -> None:
@@ -288,11 +287,6 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0) -> Scores:
     return Scores(s.mean(dim=(1, 2)).masked_fill(mask, float("nan")), reasons)
 
 
-@register_metric(
-    "hog",
-    view="minmax",
-    description="Spearman correlation of the HOG descriptors of the min-max maps.",
-)
 def hog_descriptors(maps: Tensor, *, pixels_per_cell: int = 16, orientations: int = 9,
                     cells_per_block: int = 3, eps: float = 1e-5) -> Tensor:
     """HOG feature vectors of a batch of maps, (B, H, W) -> (B, D), on the maps' device.
@@ -336,10 +330,34 @@ def hog_descriptors(maps: Tensor, *, pixels_per_cell: int = 16, orientations: in
     return (blocks / norm).flatten(1)
 
 
+def _hog_against(reference: Tensor, *, pixels_per_cell: int = 16) -> Compare:
+    """:func:`hog_similarity` of candidates with ``reference``, whose descriptors are computed
+    and ranked once, here."""
+    block = 3 * pixels_per_cell
+    if reference.ndim == 3 and min(reference.shape[1:]) < block:
+        reason = f"map smaller than one HOG block ({block}x{block})"
+
+        def undefined(candidate: Tensor) -> Scores:
+            _check_images(reference, candidate)
+            return _all_undefined(candidate, reason)
+
+        return undefined
+    _check_images(reference, reference)
+    descriptors = _correlation_against(hog_descriptors(reference, pixels_per_cell=pixels_per_cell),
+                                       rank=True, noun="HOG descriptor")
+
+    def compare(candidate: Tensor) -> Scores:
+        _check_images(reference, candidate)
+        return descriptors(hog_descriptors(candidate, pixels_per_cell=pixels_per_cell))
+
+    return compare
+
+
 @register_metric(
     "hog",
     view="minmax",
     description="Spearman correlation of the HOG descriptors of the min-max maps.",
+    against=_hog_against,
 )
 def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores:
     """Rank correlation of the HOG descriptors of each pair of maps, (B, H, W) x 2 -> (B,).
@@ -350,21 +368,16 @@ def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores
     paper's text says Pearson. NaN for maps smaller than one block (3 cells a side) or a
     constant descriptor.
     """
-    _check_images(a, b)
-    block = 3 * pixels_per_cell
-    if min(a.shape[1:]) < block:
-        return _all_undefined(a, f"map smaller than one HOG block ({block}x{block})")
-    return _correlation(hog_descriptors(a, pixels_per_cell=pixels_per_cell),
-                        hog_descriptors(b, pixels_per_cell=pixels_per_cell),
-                        rank=True, noun="HOG descriptor")
+    return _hog_against(a, pixels_per_cell=pixels_per_cell)(b)
 
 
 class ReferenceScorer:
     """Scores candidate maps against fixed reference maps with each named metric.
 
-    The reference maps come from the trained model, the candidates from randomized ones; the
-    reference's views are computed once here, not once per stage. Everything stays batched on
-    the maps' device. Unknown metric names raise :class:`ConfigError` up front.
+    The reference maps come from the trained model, the candidates from randomized ones; what
+    depends on the reference alone (its views, ranks and HOG descriptors) is computed here,
+    once, not once per stage. Everything stays batched on the maps' device. Unknown metric
+    names raise :class:`ConfigError` up front.
     """
 
     def __init__(self, reference_maps: Tensor, metrics: Sequence[str],
@@ -372,7 +385,11 @@ class ReferenceScorer:
         self.specs = [get_metric(name) for name in metrics]
         self.options = options
         self.shape = reference_maps.shape
-        self.reference = views(reference_maps, options, names={s.view for s in self.specs})
+        self.views = {spec.view for spec in self.specs}
+        reference = views(reference_maps, options, names=self.views)
+        self.compares = {spec.name: spec.bind(reference[spec.view],
+                                              **_metric_options(spec.name, options))
+                         for spec in self.specs}
         self.finite = reference_maps.flatten(1).isfinite().all(dim=1)
 
     def score(self, candidate_maps: Tensor) -> dict[str, Scores]:
@@ -382,9 +399,8 @@ class ReferenceScorer:
                 f"reference and candidate maps differ in shape: {tuple(self.shape)} "
                 f"vs {tuple(candidate_maps.shape)}"
             )
-        candidate = views(candidate_maps, self.options, names=self.reference.keys())
-        scores = {spec.name: spec.fn(self.reference[spec.view], candidate[spec.view],
-                                     **_metric_options(spec.name, self.options))
+        candidate = views(candidate_maps, self.options, names=self.views)
+        scores = {spec.name: self.compares[spec.name](candidate[spec.view])
                   for spec in self.specs}
         # The views clip and rescale, which would hide NaN/inf in the raw maps (e.g. a model
         # whose outputs overflow): such pairs are undefined, and say so.

@@ -315,18 +315,35 @@ def test_the_adebayo2018_preset_scores_ssim_with_the_original_data_range() -> No
                                       .score(b)["ssim"].values[0]), abs=1e-3)
 
 
-def test_reference_ranks_are_reused_only_while_the_reference_is_unchanged() -> None:
+def test_a_reference_scorer_ranks_its_reference_once_and_scores_each_candidate_exactly(
+        monkeypatch) -> None:
+    from saliencycheck.metrics import ReferenceScorer
+
     generator = torch.Generator().manual_seed(3)
-    reference = torch.rand(4, 1, 6, 6, generator=generator)
-    candidates = [torch.rand(4, 1, 6, 6, generator=generator) for _ in range(3)]
+    reference = torch.randn(3, 1, 48, 48, generator=generator)
+    candidates = [reference + torch.randn(3, 1, 48, 48, generator=generator) for _ in range(3)]
+    options = PostprocessOptions()
+    ranked = []
+    counting = metrics.average_ranks
 
-    def expected() -> list[float]:
-        return [spearmanr(r.flatten(), c.flatten()).statistic
-                for r, c in zip(reference.double().numpy(), candidate.double().numpy())]
+    def count_ranks(x):
+        ranked.append(x.shape)
+        return counting(x)
 
-    for candidate in candidates:  # the reference's ranks come from the cache after the first
-        np.testing.assert_allclose(metrics.spearman(reference, candidate).values.numpy(),
-                                   expected(), rtol=1e-12)
-    reference.mul_(-1)  # modified in place: ranked anew
-    np.testing.assert_allclose(metrics.spearman(reference, candidate).values.numpy(),
-                               expected(), rtol=1e-12)
+    monkeypatch.setattr(metrics, "average_ranks", count_ranks)
+    scorer = ReferenceScorer(reference, ["spearman_abs", "spearman", "hog"], options)
+    assert len(ranked) == 3  # each view's reference and the reference's HOG descriptors
+    ref = views(reference, options)
+    for candidate in candidates:
+        ranked.clear()
+        scores = scorer.score(candidate)
+        assert len(ranked) == 3  # the candidate's alone
+        cand = views(candidate, options)
+        for name, view in [("spearman_abs", "absolute"), ("spearman", "signed")]:
+            expected = [spearmanr(r.flatten(), c.flatten()).statistic
+                        for r, c in zip(ref[view].numpy(), cand[view].numpy())]
+            np.testing.assert_allclose(scores[name].values.numpy(), expected, rtol=1e-12)
+        expected = [spearmanr(hog(r, pixels_per_cell=(16, 16)), hog(c, pixels_per_cell=(16, 16))
+                              ).statistic
+                    for r, c in zip(ref["minmax"].numpy(), cand["minmax"].numpy())]
+        np.testing.assert_allclose(scores["hog"].values.numpy(), expected, atol=1e-6)
