@@ -652,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="allocator for every contender alike: 'reuse' keeps freed host "
                         "memory on the heap, as saliencycheck runs do "
                         "(saliencycheck.host_memory); 'system' is glibc's default")
+    parser.add_argument("--device-memory-gib", type=float, default=None,
+                        help="runtime.device_memory_gib of the memory runs (CUDA only)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory runs (benchmarks/memory.py)")
     args = parser.parse_args(argv)
@@ -691,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"[{workload.key}/{granularity}] failed:\n{traceback.format_exc()}")
     memory = None
     if not (args.quick or args.no_memory):
-        memory = measure_memory([8, 64], str(device))
+        memory = measure_memory([8, 64], str(device), args.device_memory_gib)
         log("\n" + memory_table(memory))
     total = time.perf_counter() - started
     env["load_end"] = os.getloadavg()

@@ -1,12 +1,15 @@
 """Peak memory against the number of images, and how busy a GPU is during a run.
 
     python benchmarks/memory.py                      # 8 and 64 images, printed as a table
+    python benchmarks/memory.py --device-memory-gib 4   # on CUDA: under a 4 GiB cap
 
 Each measurement runs saliencycheck in a fresh child process (so peak RSS is that run's own):
 the trained digits ResNet-18 at 64×64, gradient and guided backprop, cascading at block
 granularity, on N copies of the sample digits. The issue's memory targets: peak host memory
 independent of the number of images (images are streamed in work units of
-``runtime.batch_size``), peak device memory within the budget ``chunk_size: auto`` chose from.
+``runtime.batch_size``), peak device memory within the budget: ``runtime.device_memory_gib``
+when given (the table then shows the peak memory PyTorch's allocator reserved against it),
+else the share of free memory ``chunk_size: auto`` chose from.
 On CUDA the child also profiles one more run and reports the share of the wall time the GPU
 spent in kernels (the profiler's own overhead makes this a lower bound).
 """
@@ -28,7 +31,7 @@ REPO = HERE.parent
 DIGITS = REPO / "sample_images" / "digits"
 
 
-def _config(images: Path, output: Path, device: str) -> dict:
+def _config(images: Path, output: Path, device: str, budget_gib: float | None) -> dict:
     return {
         "model": {"name": "resnet18", "factory": "saliencycheck.zoo:digits_resnet18",
                   "num_classes": 10},
@@ -38,7 +41,7 @@ def _config(images: Path, output: Path, device: str) -> dict:
         "tests": {"cascading": {"enabled": True, "granularity": "block"},
                   "independent": {"enabled": False}},
         "metrics": ["spearman_abs", "ssim"],
-        "runtime": {"device": device, "batch_size": 8},
+        "runtime": {"device": device, "batch_size": 8, "device_memory_gib": budget_gib},
         "output": {"dir": str(output), "figures": False},
     }
 
@@ -57,7 +60,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
-def child(images: int, device: str) -> dict:
+def child(images: int, device: str, budget_gib: float | None) -> dict:
     """Run saliencycheck on ``images`` digit copies in this process; report its peaks."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
@@ -73,7 +76,7 @@ def child(images: int, device: str) -> dict:
         for i in range(images):
             source = sources[i % len(sources)]
             shutil.copy(source, folder / f"{i:04d}_{source.name}")
-        config = _config(folder, Path(tmp) / "out", device)
+        config = _config(folder, Path(tmp) / "out", device, budget_gib)
         setup = prepare(LoadedConfig(config=parse_config(config), source=Path(tmp) / "m.yaml"))
         cuda = setup.device.type == "cuda"
         if cuda:
@@ -86,6 +89,8 @@ def child(images: int, device: str) -> dict:
                   "peak_rss_mib": peak_rss_mib()}
         if cuda:
             report.update(peak_device_mib=torch.cuda.max_memory_allocated(setup.device) / 2**20,
+                          peak_reserved_mib=torch.cuda.max_memory_reserved(setup.device) / 2**20,
+                          budget_mib=budget_gib * 1024 if budget_gib else None,
                           free_at_start_mib=free / 2**20, device_total_mib=total / 2**20,
                           gpu_busy=_gpu_busy(setup, run_check))
     return report
@@ -107,12 +112,14 @@ def _gpu_busy(setup, run_check) -> float:
     return min(1.0, kernel_us / 1e6 / wall)
 
 
-def measure(counts: list[int], device: str) -> list[dict]:
+def measure(counts: list[int], device: str, budget_gib: float | None = None) -> list[dict]:
     """One child process per image count; their reports, in order."""
     reports = []
+    budget = ["--device-memory-gib", str(budget_gib)] if budget_gib else []
     for count in counts:
         out = subprocess.run([sys.executable, str(Path(__file__)), "--child", str(count),
-                              "--device", device], check=True, capture_output=True, text=True)
+                              "--device", device, *budget],
+                             check=True, capture_output=True, text=True)
         reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return reports
 
@@ -123,15 +130,16 @@ def table(reports: list[dict]) -> str:
     head = "| images | wall s | chunk rows | peak host RSS MiB |"
     rule = "|---|---|---|---|"
     if cuda:
-        head += " peak device MiB | free at start MiB | GPU busy |"
-        rule += "---|---|---|"
+        head += " peak device MiB | peak reserved MiB | cap MiB | free at start MiB | GPU busy |"
+        rule += "---|---|---|---|---|"
     lines = [head, rule]
     for r in reports:
         line = (f"| {r['images']} | {r['wall_s']:.1f} | {r['chunk_size']} | "
                 f"{r['peak_rss_mib']:.0f} |")
         if cuda:
-            line += (f" {r['peak_device_mib']:.0f} | {r['free_at_start_mib']:.0f} | "
-                     f"{r['gpu_busy']:.0%} |")
+            cap = f"{r['budget_mib']:.0f}" if r.get("budget_mib") else "none"
+            line += (f" {r['peak_device_mib']:.0f} | {r['peak_reserved_mib']:.0f} | {cap} | "
+                     f"{r['free_at_start_mib']:.0f} | {r['gpu_busy']:.0%} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -141,11 +149,13 @@ def main() -> None:
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--device-memory-gib", type=float, default=None,
+                        help="runtime.device_memory_gib of the runs (CUDA only)")
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.device)))
+        print(json.dumps(child(args.child, args.device, args.device_memory_gib)))
         return
-    print(table(measure(args.images, args.device)))
+    print(table(measure(args.images, args.device, args.device_memory_gib)))
 
 
 if __name__ == "__main__":

@@ -325,6 +325,12 @@ class RuntimeConfig(Section):
         description="Max rows (images x integration steps x noise samples) per "
         "forward/backward; 'auto': from free GPU memory (measured), 128 on the CPU.",
     )
+    device_memory_gib: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="Most CUDA memory this run may hold per device, in GiB (default: no cap). "
+        "PyTorch's allocator enforces it; a pass that would exceed it is halved, as after an "
+        "out-of-memory error, and chunk_size auto sizes passes to it. No effect on the CPU.",
+    )
     seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
     repeats: int = Field(
         1, ge=1,

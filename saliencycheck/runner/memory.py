@@ -1,9 +1,12 @@
-"""``runtime.chunk_size: auto``: rows per pass chosen from the device's free memory."""
+"""``runtime.chunk_size: auto``: rows per pass chosen from the device's free memory, and
+``runtime.device_memory_gib``: the most CUDA memory a run may hold."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from saliencycheck.errors import ConfigError
 
 CPU_CHUNK_ROWS = 128
 """Rows per pass on the CPU, where host memory rarely limits a pass (the default for numbers)."""
@@ -36,9 +39,33 @@ def bytes_per_row(model: nn.Module, example: torch.Tensor, rows: int = 4) -> flo
     return (torch.cuda.max_memory_allocated(device) - base) / rows
 
 
-def auto_chunk_size(model: nn.Module, example: torch.Tensor) -> int:
-    """Rows per pass for ``example``'s device: measured on CUDA, :data:`CPU_CHUNK_ROWS` else."""
+def cap_device_memory(device: torch.device, gib: float | None) -> int | None:
+    """Cap the memory PyTorch's caching allocator may hold on CUDA ``device`` at ``gib`` GiB
+    (an allocation beyond it raises an out-of-memory error, which the passes answer by halving
+    their chunk); the cap in bytes, or None where there is none (no cap asked, or a CPU)."""
+    if gib is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = int(gib * 2**30)
+    if budget > total:
+        raise ConfigError(f"runtime.device_memory_gib: {gib:g} GiB exceeds the "
+                          f"{total / 2**30:.1f} GiB of {device}; lower it or leave it unset")
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    return budget
+
+
+def free_for_passes(device: torch.device, budget: int | None = None) -> int:
+    """Bytes CUDA ``device`` has free for passes: its free memory, or what this process's
+    tensors leave of ``budget`` when that is less."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if budget is not None:
+        free = min(free, budget - torch.cuda.memory_allocated(device))
+    return max(0, free)
+
+
+def auto_chunk_size(model: nn.Module, example: torch.Tensor, budget: int | None = None) -> int:
+    """Rows per pass for ``example``'s device: measured on CUDA against
+    :func:`free_for_passes`, :data:`CPU_CHUNK_ROWS` on the CPU."""
     if example.device.type != "cuda":
         return CPU_CHUNK_ROWS
-    free, _ = torch.cuda.mem_get_info(example.device)
-    return rows_for(free, bytes_per_row(model, example))
+    return rows_for(free_for_passes(example.device, budget), bytes_per_row(model, example))

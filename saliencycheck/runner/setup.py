@@ -38,7 +38,7 @@ from saliencycheck.models import (
 )
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage, find_blocks, plan_stages
-from saliencycheck.runner.memory import auto_chunk_size
+from saliencycheck.runner.memory import auto_chunk_size, cap_device_memory
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
@@ -260,6 +260,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
+    memory_budget = cap_device_memory(device, config.runtime.device_memory_gib)
     built = build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
@@ -324,7 +325,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
 
     chunk_size = config.runtime.chunk_size
     if chunk_size == "auto":
-        chunk_size = auto_chunk_size(model, example)
+        chunk_size = auto_chunk_size(model, example, memory_budget)
     check_label_sources(loaded)
     floor_stage = None
     if config.baselines.random_floor:
