@@ -321,12 +321,16 @@ def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001
 
 def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001
     """The verdict table and the gate's outcome."""
+    from saliencycheck.verdicts import interval_text
+
     colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}
     table = Table(title="verdicts (verdicts.csv)", title_justify="left")
-    for column in ("method", "test", "verdict", "evidence"):
+    for column in ("method", "test", "verdict", "metric @ stage", "mean [CI]", "evidence"):
         table.add_column(column)
     for v in result.verdicts:
-        table.add_row(v.method, v.test, f"[{colour[v.verdict]}]{v.verdict}[/]", v.reason)
+        table.add_row(v.method, v.test, f"[{colour[v.verdict]}]{v.verdict}[/]",
+                      f"{v.metric} @ {v.stage}",
+                      interval_text(v.statistic, v.ci_low, v.ci_high), v.reason)
     console.print(table)
     if result.failures:
         failed = ", ".join(f"{v.method} ({v.test})" for v in result.failures)

@@ -2,9 +2,11 @@
 
 In a sanity check, a higher similarity to the trained model's maps after randomization is
 worse: the method became less sensitive to the model. So a regression is a mean similarity
-(summary.csv, any method × test × randomized stage × metric) that rose by more than the
-tolerance, a verdict that went from PASS to FAIL (verdicts.csv), or a score the baseline had
-and the new run lacks. Falls are listed as improvements. Two scores point the other way and
+(summary.csv, any method × test × randomized stage × metric, and completeness's relative
+error on the trained model) that rose by more than the tolerance, a score that became
+undefined (constant maps) or defined, a verdict that went from PASS to FAIL or INVALID or
+disappeared (verdicts.csv), or a score the baseline had and the new run lacks. Falls are
+listed as improvements. Two scores point the other way and
 regress when they *fall*: input invariance's similarity (the map should not change) and eMPRT's
 entropy rise. The random-network floor and eMPRT's raw entropies describe, they do not judge:
 they are not compared.
@@ -18,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saliencycheck.errors import DataError
+from saliencycheck.verdicts import COMPLETENESS_TEST, PASS
 
 Key = tuple[str, str, int, str]  # method, test, stage_index, metric
 HIGHER_IS_BETTER = {("input_invariance", None), ("entropy_mprt", "entropy_rise")}
 NOT_JUDGED = {("random_floor", None), ("entropy_mprt", "entropy")}
+# Stage 0 is the trained model compared with itself (a score of 1), except for the tests
+# that score the trained model alone.
+TRAINED_MODEL_TESTS = {COMPLETENESS_TEST}
 
 
 def _worse_when(test: str, metric: str) -> int:
@@ -66,7 +72,8 @@ def _means(folder: Path) -> dict[Key, tuple[str, float]]:
     rows = _read(folder / "summary.csv")
     try:
         return {(r["method"], r["test"], int(r["stage_index"]), r["metric"]):
-                (r["stage"], float(r["mean"])) for r in rows if int(r["stage_index"]) > 0}
+                (r["stage"], float(r["mean"])) for r in rows
+                if int(r["stage_index"]) > 0 or r["test"] in TRAINED_MODEL_TESTS}
     except (KeyError, ValueError) as exc:
         raise DataError(f"{folder / 'summary.csv'}: not a saliencycheck summary ({exc})") \
             from None
@@ -94,8 +101,10 @@ def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Compa
             continue
         value = after[key][1]
         if math.isnan(old) or math.isnan(value):
-            if math.isnan(old) != math.isnan(value):  # defined in one run only: look at it
-                (regressions if math.isnan(old) else improvements).append(
+            # defined in one run only: the maps became constant, or stopped being; either
+            # way the comparison cannot vouch for the new run
+            if math.isnan(old) != math.isnan(value):
+                regressions.append(
                     Change(method, test, stage, metric, f"{old:.3f}", f"{value:.3f}", None))
             continue
         compared += 1
@@ -107,8 +116,10 @@ def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Compa
             improvements.append(change)
     old_verdicts, new_verdicts = _verdicts(baseline), _verdicts(new)
     for key, row in sorted(old_verdicts.items()):
+        if row["verdict"] != PASS:
+            continue
         now = new_verdicts.get(key)
-        if row["verdict"] == "PASS" and now is not None and now["verdict"] == "FAIL":
-            regressions.append(Change(key[0], key[1], now["stage"], now["metric"], "PASS",
-                                      "FAIL", None))
+        if now is None or now["verdict"] != PASS:
+            regressions.append(Change(key[0], key[1], row["stage"], row["metric"], PASS,
+                                      now["verdict"] if now else "missing", None))
     return Comparison(regressions, improvements, compared)

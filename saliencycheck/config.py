@@ -293,6 +293,8 @@ class TestsConfig(Section):
 
 
 METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
+# Tests whose scores compare plain maps, so the random-network floor applies to them.
+FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
 ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained map)) / H(trained)
 
 
@@ -416,7 +418,8 @@ class Threshold(Section):
     )
     max_above_floor: float | None = Field(
         None, description="Or pass if that bound is ≤ the random-network floor + this margin "
-        "(needs baselines.random_floor)."
+        "(needs baselines.random_floor; cascading, independent, label_randomization and "
+        "random_logit only)."
     )
     min: float | None = Field(
         None, description="Or pass if the lower confidence bound of the mean is ≥ min (for "
@@ -537,6 +540,9 @@ class Config(Section):
             if section is None or not getattr(section, "enabled", True):
                 raise ValueError(f"thresholds.{test}: the {test} test does not run; enable it "
                                  "under tests: or remove the threshold")
+            if threshold.max_above_floor is not None and test not in FLOOR_TESTS:
+                raise ValueError(f"thresholds.{test}.max_above_floor: the random-network floor "
+                                 f"scores plain maps, not {test}'s; use max: (or min:) there")
             if threshold.max_above_floor is not None and not self.baselines.random_floor:
                 raise ValueError(f"thresholds.{test}.max_above_floor needs the random-network "
                                  "floor; set baselines.random_floor: true or use max:")

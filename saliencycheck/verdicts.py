@@ -54,6 +54,15 @@ class Verdict:
     min: float = math.nan  # the lower limit applied: the threshold's min (NaN: none)
 
 
+def interval_text(statistic: float, low: float, high: float) -> str:
+    """'0.12 [0.05, 0.20]': a statistic and its interval ('n/a' where undefined)."""
+    if not math.isfinite(statistic):
+        return "n/a"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{statistic:.2f}"
+    return f"{statistic:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> int:
     """The stage index a threshold names: 'final', an index, or a stage (block) name."""
     if stage == "final":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -200,13 +201,22 @@ def test_an_unmemorised_model_makes_the_test_invalid_not_failed(folder_project) 
         "run", str(folder_project / "config.yaml"),
         "--set", "tests.label_randomization.train.epochs=1",
         "--set", "tests.label_randomization.train.lr=1e-6",
-        "--set", "tests.label_randomization.train.min_train_accuracy=1.0"])
-    assert result.exit_code == 0, result.output
+        "--set", "tests.label_randomization.train.min_train_accuracy=1.0",
+        # a threshold no map could fail: an invalid test must still not pass or fail
+        "--set", "thresholds={label_randomization: {metric: ssim, max: 1.5}}",
+        "--junit", str(folder_project / "junit.xml")])
+    assert result.exit_code == 0, result.output  # INVALID never fails the gate
     assert "INVALID" in result.output and "min_train_accuracy" in result.output
     out = folder_project / "out"
     assert not json.loads((out / "run.json").read_text())["label_randomization"]["valid"]
     rows = [r for r in _rows(out / "report.csv") if r["test"] == "label_randomization"]
     assert rows and all("invalid test" in r["note"] for r in rows)
+    verdicts = _rows(out / "verdicts.csv")
+    assert {v["method"] for v in verdicts} == {"gradient", "guided_backprop"}
+    assert all(v["verdict"] == "INVALID" and "random-label model" in v["reason"]
+               for v in verdicts)
+    suite = ElementTree.parse(folder_project / "junit.xml").getroot()
+    assert suite.get("failures") == "0" and suite.get("skipped") == "2"
 
 
 def test_a_ready_checkpoint_is_used_and_a_wrong_one_named(folder_project) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from saliencycheck.cli import app
+from saliencycheck.compare import compare_runs
 from saliencycheck.config import Threshold
 from saliencycheck.errors import ConfigError
 from saliencycheck.report.tables import SummaryRow
@@ -150,9 +151,12 @@ def test_json_goes_to_stdout_alone(project) -> None:
     ("thresholds={cascading: {metric: hog, max: 0.2}}", "thresholds.cascading.metric"),
     ("thresholds={cascading: {metric: ssim, stage: nowhere, max: 0.2}}", "no stage named"),
     ("fail_on=[smoothgrad]", "fail_on: 'smoothgrad' is not one of the methods"),
+    ("tests.smooth_mprt.enabled=true --set thresholds={smooth_mprt: {metric: ssim, "
+     "max_above_floor: 0.1}}", "thresholds.smooth_mprt.max_above_floor"),
 ])
 def test_bad_verdict_rules_exit_2_with_one_line(project, override: str, message: str) -> None:
-    result = _run(project, "--set", override)
+    result = _run(project, *(arg for part in override.split(" --set ")
+                             for arg in ("--set", part)))
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
 
@@ -192,6 +196,59 @@ def test_compare_finds_an_injected_regression_and_passes_an_identical_run(projec
                                "--tolerance", "0.3"]).exit_code == 1  # the verdict still moved
     missing = runner.invoke(app, ["compare", str(baseline), str(project / "nowhere")])
     assert missing.exit_code == 2 and "summary.csv" in missing.output
+
+
+def _edit_csv(path: Path, edit) -> None:
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        edit(r)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_compare_catches_completeness_scores_turning_undefined_and_lost_passes(project) -> None:
+    import shutil
+
+    result = _run(project, "--set", "methods=[gradient, gradient_x_input]", "--set",
+                  "tests.completeness.enabled=true", "--set",
+                  "thresholds={cascading: {metric: ssim, max: 1.01}}", "--set", "fail_on=none")
+    assert result.exit_code == 0, result.output  # gradient x input fails completeness
+    baseline = project / "out"
+
+    def variant(name: str, summary=None, verdicts=None) -> list[tuple[str, ...]]:
+        new = project / name
+        shutil.copytree(baseline, new)
+        if summary:
+            _edit_csv(new / "summary.csv", summary)
+        if verdicts:
+            _edit_csv(new / "verdicts.csv", verdicts)
+        moved = runner.invoke(app, ["compare", str(baseline), str(new)])
+        assert moved.exit_code == 1, moved.output
+        return [(c.method, c.test, c.baseline, c.new)
+                for c in compare_runs(baseline, new).regressions]
+
+    def worse_completeness(r: dict) -> None:
+        if r["test"] == "completeness":
+            r["mean"] = str(float(r["mean"]) + 5)
+
+    ((method, test, _, _),) = variant("complete", summary=worse_completeness)
+    assert (method, test) == ("gradient_x_input", "completeness")
+
+    def constant_maps(r: dict) -> None:  # the gradient's maps became constant: all NaN
+        if r["method"] == "gradient" and r["test"] == "cascading" and r["stage_index"] != "0":
+            r["mean"] = "nan"
+
+    moved = variant("undefined", summary=constant_maps)
+    assert moved and all(m == "gradient" and new == "nan" for m, _, _, new in moved)
+
+    def invalid(r: dict) -> None:
+        if r["method"] == "gradient":
+            r["verdict"] = INVALID
+
+    assert variant("invalid", verdicts=invalid) == [("gradient", "cascading", PASS, INVALID)]
 
 
 def edge_detector(model, inputs, targets):
@@ -314,6 +371,80 @@ def test_repeats_randomize_with_new_seeds_and_pool_into_the_summary(project) -> 
                    and r["method"] == "gradient"]
     assert summary[0]["n"] == "8"  # 4 images x 2 seeds
     assert float(summary[0]["mean"]) == pytest.approx(np.mean(by_repeat["0"] + by_repeat["1"]))
+    # The random-network floor is drawn again per repeat too: its interval covers the seeds.
+    with (project / "out" / "report.csv").open(newline="") as fh:
+        floor = [r for r in csv.DictReader(fh) if r["test"] == "random_floor"
+                 and r["method"] == "gradient" and r["metric"] == "ssim"]
+    floor_by_repeat = {rep: [r["value"] for r in floor if r["repeat"] == rep]
+                       for rep in ("0", "1")}
+    assert len(floor_by_repeat["0"]) == len(floor_by_repeat["1"]) == 4
+    assert floor_by_repeat["0"] != floor_by_repeat["1"]
+    seeds = json.loads((project / "out" / "run.json").read_text())["seeds"]
+    assert seeds["random_floor_copies"] == [[1, 2], [1001, 1002]]
+
+
+def test_the_confidence_level_reaches_the_summary_verdicts_and_figures(project,
+                                                                      monkeypatch) -> None:
+    from saliencycheck.report import figures
+
+    titles = []
+    original = figures.plt.Figure.suptitle
+    monkeypatch.setattr(figures.plt.Figure, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or original(fig, text, **kw))
+    intervals = {}
+    for level in ("0.5", "0.95"):
+        result = _run(project, "-o", str(project / level), "--set", f"runtime.ci_level={level}",
+                      "--set", "thresholds={cascading: {metric: ssim, max: 1.01}}")
+        assert result.exit_code == 0, result.output
+        with (project / level / "summary.csv").open(newline="") as fh:
+            intervals[level] = {(r["method"], r["stage_index"], r["metric"]):
+                                (float(r["ci_low"]), float(r["ci_high"]))
+                                for r in csv.DictReader(fh) if r["test"] == "cascading"
+                                and r["stage_index"] != "0"}
+        with (project / level / "verdicts.csv").open(newline="") as fh:
+            reasons = [r["reason"] for r in csv.DictReader(fh)]
+        assert all(f"upper {float(level):.0%} bound" in reason for reason in reasons), reasons
+    for key, (low, high) in intervals["0.5"].items():
+        wide_low, wide_high = intervals["0.95"][key]
+        assert wide_low <= low <= high <= wide_high and high - low < wide_high - wide_low
+    assert any("mean and 50 % CI" in t for t in titles)
+    assert any("mean and 95 % CI" in t for t in titles)
+
+
+def test_the_preset_is_recorded_and_its_floor_copies_explain_their_own_class(project) -> None:
+    """With adebayo2018's 'recompute', each random copy of the floor explains its own top
+    class: the floor's first copy (seed + 1) is the full cascade of a run seeded one higher,
+    so its explained classes must be that cascade's last stage's."""
+    def rows(folder: str, test: str) -> list[dict[str, str]]:
+        with (project / folder / "report.csv").open(newline="") as fh:
+            return [r for r in csv.DictReader(fh) if r["test"] == test
+                    and r["method"] == "gradient" and r["metric"] == "ssim"]
+
+    for folder, seed in (("seed0", 0), ("seed1", 1)):
+        result = _run(project, "-o", str(project / folder), "--set", "preset=adebayo2018",
+                      "--set", f"runtime.seed={seed}")
+        assert result.exit_code == 0, result.output
+    run = json.loads((project / "seed0" / "run.json").read_text())
+    assert run["config"]["preset"] == "adebayo2018"
+    assert run["config"]["tests"]["target_on_randomized"] == "recompute"
+    floor = {r["image"]: r["target_explained"] for r in rows("seed0", "random_floor")}
+    cascade = rows("seed1", "cascading")
+    last = max(int(r["stage_index"]) for r in cascade)
+    assert floor == {r["image"]: r["target_explained"] for r in cascade
+                     if int(r["stage_index"]) == last}
+
+
+def test_independent_randomization_runs_bottom_up_too(project) -> None:
+    names = {}
+    for order in ("top_down", "bottom_up"):
+        result = _run(project, "-o", str(project / order), "--set",
+                      "tests.independent.enabled=true", "--set",
+                      f"tests.independent.order={order}")
+        assert result.exit_code == 0, result.output
+        with (project / order / "stages.csv").open(newline="") as fh:
+            names[order] = [r["stage"] for r in csv.DictReader(fh)
+                            if r["test"] == "independent" and r["stage_index"] != "0"]
+    assert len(names["top_down"]) > 2 and names["bottom_up"] == names["top_down"][::-1]
 
 
 def test_random_logit_explains_another_class_per_image_whatever_the_batching(project) -> None:

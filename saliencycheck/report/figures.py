@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from saliencycheck.report.tables import SummaryRow  # noqa: E402
+from saliencycheck.verdicts import interval_text  # noqa: E402
 
 MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]
 
@@ -73,6 +74,11 @@ def _metric_grid(metrics: list[str]):
     return fig, axes, flat
 
 
+def percent(level: float) -> str:
+    """A confidence level as the figures print it: 0.95 → '95 %', 0.975 → '97.5 %'."""
+    return f"{100 * level:g} %"
+
+
 def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
     ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_title(metric, fontsize=9)
@@ -81,8 +87,10 @@ def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
 
 
 def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                      floors: dict[tuple[str, str], SummaryRow] | None = None) -> None:
-    """Each metric against the stage, one line per method: mean with its 95 % CI band, and
+                      floors: dict[tuple[str, str], SummaryRow] | None = None,
+                      level: float = 0.95) -> None:
+    """Each metric against the stage, one line per method: mean with its CI band (at
+    ``level``, the one summary.csv's intervals were computed at), and
     the method's random-network floor (``floors[(method, metric)]``, its summary row) as a
     dotted line in a faint band (its own interval)."""
     rows = [s for s in summary if s.test == test]
@@ -115,7 +123,7 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     spare = len(metrics) % axes.shape[1]  # an empty panel takes the legend
     fig.legend(handles, labels, fontsize=7, loc="lower right" if spare else "upper right",
                ncols=1 if spare else len(labels))
-    fig.suptitle(f"{test} randomization (mean and 95 % CI over images"
+    fig.suptitle(f"{test} randomization (mean and {percent(level)} CI over images"
                  + ("; dotted, faint band: random-network floor)" if floors else ")"), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +133,11 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
 
 def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
                     title: str, ylabel: str = "similarity to trained map",
-                    methods: list[str] | None = None) -> None:
+                    methods: list[str] | None = None, level: float = 0.95) -> None:
     """Each metric, one group of bars per method: one bar per compared model (the stages of
-    ``test`` after the trained one), mean with its 95 % CI as an error bar. For tests whose
-    stages are alternatives, not a sequence (label randomization: random labels, control)."""
+    ``test`` after the trained one), mean with its CI (at ``level``) as an error bar. For
+    tests whose stages are alternatives, not a sequence (label randomization: random labels,
+    control)."""
     rows = [s for s in summary if s.test == test and s.stage_index > 0]
     stages = sorted({(s.stage_index, s.stage) for s in rows})
     present = {s.method for s in rows}  # in the config's order when given
@@ -151,7 +160,7 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
         row[0].set_ylabel(ylabel, fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="upper right")
-    fig.suptitle(f"{title} (mean and 95 % CI over images)", fontsize=10)
+    fig.suptitle(f"{title} (mean and {percent(level)} CI over images)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -161,30 +170,33 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
 VERDICT_COLOURS = {"PASS": "#4caf50", "FAIL": "#e53935", "INVALID": "#bdbdbd"}
 
 
-def verdict_heatmap(path: Path, verdicts: list) -> None:  # list[Verdict]
-    """Methods × tests, each cell coloured by its verdict and labelled with the statistic."""
+def verdict_heatmap(path: Path, verdicts: list, level: float = 0.95) -> None:
+    """Methods × tests (``verdicts``: list[Verdict]), each cell coloured by its verdict and
+    labelled with the statistic, its interval (at ``level``) and the limit applied."""
     from matplotlib.colors import to_rgb
 
     methods = list(dict.fromkeys(v.method for v in verdicts))
     tests = list(dict.fromkeys(v.test for v in verdicts))
     cells = {(v.method, v.test): v for v in verdicts}
     image = np.ones((len(methods), len(tests), 3))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 1.9 * len(tests)),
-                                    1.0 + 0.45 * len(methods)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 2.2 * len(tests)),
+                                    1.1 + 0.55 * len(methods)))
     for i, method in enumerate(methods):
         for j, test in enumerate(tests):
             v = cells.get((method, test))
             if v is None:
                 continue
             image[i, j] = to_rgb(VERDICT_COLOURS[v.verdict])
-            stat = "n/a" if not np.isfinite(v.statistic) else f"{v.statistic:.2f}"
-            ax.text(j, i, f"{v.verdict}\n{v.metric} {stat}", ha="center", va="center",
-                    fontsize=7)
+            limits = [f"≤ {v.max:.2f}" if np.isfinite(v.max) else "",
+                      f"≥ {v.min:.2f}" if np.isfinite(v.min) else ""]
+            ax.text(j, i, f"{v.verdict}\n{v.metric} "
+                    f"{interval_text(v.statistic, v.ci_low, v.ci_high)}\n"
+                    + " ".join(x for x in limits if x), ha="center", va="center", fontsize=6)
     ax.imshow(image, aspect="auto")
     ax.set_xticks(range(len(tests)), tests, fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
-    ax.set_title("verdicts\nPASS: randomization changed the maps\n(input invariance: the "
-                 "shift did not)", fontsize=8)
+    ax.set_title(f"verdicts: mean [{percent(level)} CI], limit\nPASS: randomization changed "
+                 "the maps\n(input invariance: the shift did not)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from saliencycheck.config import FLOOR_TESTS
 from saliencycheck.randomization import Stage
 from saliencycheck.runner.store import ROW_FIELDS, ScoreRow, StageObservation
 
 SUMMARY_FIELDS = ("method", "test", "stage_index", "stage", "metric", "mean", "std",
                   "ci_low", "ci_high", "n", "n_undefined", "floor", "above_floor")
 FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
-# Tests whose scores compare plain maps, so the random-network floor applies to them.
-FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
 STAGE_FIELDS = ("test", "stage_index", "stage", "blocks_randomized", "parameters_randomized",
                 "num_parameters", "fraction_randomized", "logit_relative_l2", "top1_agreement")
 

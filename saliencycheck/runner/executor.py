@@ -63,6 +63,12 @@ UNCHANGED_NOTE = ("logits unchanged by this stage: the randomized block does not
                   "output, so the score says nothing about the method")
 
 
+def floor_seeds(seed: int, repeats: int) -> list[tuple[int, int]]:
+    """The seeds of the random-network floor's two fully random copies, per repeat."""
+    return [(seed + REPEAT_SEED_STEP * r + 1, seed + REPEAT_SEED_STEP * r + 2)
+            for r in range(repeats)]
+
+
 def figure_key(image: str, test: str, method: str) -> str:
     return f"{image}|{test}|{method}"
 
@@ -121,24 +127,27 @@ class UnitExecutor:
                              seed=setup.config.runtime.seed)
         for stages in setup.stages.values():
             self.randomized.check(stages)
-        seed = setup.config.runtime.seed
+        seed, runtime_repeats = setup.config.runtime.seed, setup.config.runtime.repeats
         self.stages = [_StageRef(test, stage, seed=seed + REPEAT_SEED_STEP * r if r else None,
                                  repeat=r)
-                       for r in range(setup.config.runtime.repeats)
+                       for r in range(runtime_repeats)
                        for test, stages in setup.stages.items() for stage in stages]
         # sMPRT's stages run on noisy copies of the images, in passes of their own
         self.pass_refs = [ref for ref in self.stages if ref.test != SMOOTH_TEST]
         self.smooth_refs = [ref for ref in self.stages if ref.test == SMOOTH_TEST]
-        self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=seed + k)
-                           for k in (1, 2)] if setup.floor_stage else []
+        self.floor_refs = [_StageRef(FLOOR_TEST, setup.floor_stage, seed=k, repeat=r)
+                           for r, pair in enumerate(floor_seeds(seed, runtime_repeats))
+                           for k in pair] if setup.floor_stage else []
         # The stage logits (stages.csv, and the explained class with 'recompute') come from a
         # no-grad forward of their own only where the passes cannot give them: with
         # 'recompute' they are needed before the passes, in reduced precision they would
         # differ from the fp32 logits, and sMPRT's passes see noisy images.
         runtime = setup.config.runtime
-        self.logits_from_passes = (tests.target_on_randomized == "original"
-                                   and runtime.precision == "fp32")
-        self.forward_refs = self.smooth_refs if self.logits_from_passes else self.stages
+        # With 'recompute' the floor's copies explain their own top class too.
+        self.recompute = tests.target_on_randomized == "recompute"
+        self.logits_from_passes = not self.recompute and runtime.precision == "fp32"
+        self.forward_refs = (self.smooth_refs if self.logits_from_passes else self.stages) \
+            + (self.floor_refs if self.recompute else [])
         self._trace: CallTrace | None = None
 
     def _enter(self, ref: _StageRef | None) -> nn.Module:
@@ -174,11 +183,12 @@ class UnitExecutor:
             logits, forward_logits = self._logits(inputs, trace, self.forward_refs)
             targets = compute_targets(setup, ids, logits)
             observed = {ref: (logits, z) for ref, z in zip(self.forward_refs, forward_logits)}
-            explained = [observed[ref][1].argmax(dim=1)
-                         if setup.config.tests.target_on_randomized == "recompute" else targets
+            explained = [observed[ref][1].argmax(dim=1) if self.recompute else targets
                          for ref in self.stages]
             pass_explained = [e for ref, e in zip(self.stages, explained)
                               if ref.test != SMOOTH_TEST]
+            pass_explained += [observed[ref][1].argmax(dim=1) if self.recompute else targets
+                               for ref in self.floor_refs]
             raw_maps: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids}
             pass_logits: list[list[Tensor | None]] = []  # per group: trained, then pass_refs
             for group in self.groups(inputs, targets):
@@ -189,12 +199,17 @@ class UnitExecutor:
                     lambda done, g=group, share=share: progress(
                         done * share, f"{unit.id}: images {g.start + 1}–{g.stop} of {len(ids)}"))
                 pass_logits.append(kept[:1 + len(self.pass_refs)])
+                passes = len(self.pass_refs)
+                floor_maps, floor_explained = maps[1 + passes:], group_explained[passes:]
+                maps, group_explained = maps[:1 + passes], group_explained[:passes]
                 scorers = {label: ReferenceScorer(trained, setup.config.metrics, setup.post)
                            for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
                                   group_explained, maps, scorers)
-                if self.floor_refs:
-                    self._score_floor(result, ids[group], targets[group], maps[-2:])
+                for repeat in range(len(floor_maps) // 2):
+                    pair = slice(2 * repeat, 2 * repeat + 2)
+                    self._score_floor(result, ids[group], targets[group], floor_maps[pair],
+                                      floor_explained[pair][0], repeat)
                 if setup.config.tests.random_logit.enabled:
                     self._score_random_logit(result, raw_maps, ids[group], inputs[group],
                                              targets[group], logits.shape[1], scorers)
@@ -314,13 +329,12 @@ class UnitExecutor:
         """Raw maps of every method for each of ``refs`` (None: the trained model), explaining
         ``targets`` (one per ref), and each ref's logits of the images as the passes computed
         them (None where no pass read the images). By default the refs are the trained model,
-        every stage of the shared passes and the floor's two random copies (last; they
-        explain the trained model's targets, so ``targets`` need not list them). Refs of one
-        model state (:attr:`_StageRef.key`) with equal targets are computed once."""
+        every stage of the shared passes and the floor's random copies (last, in pairs per
+        repeat). Refs of one model state (:attr:`_StageRef.key`) with equal targets are
+        computed once."""
         setup = self.setup
         if refs is None:
             refs = [None, *self.pass_refs, *self.floor_refs]
-            targets = [*targets, *([targets[0]] * len(self.floor_refs))]
         unique: dict[tuple, int] = {}
         slots = []
         for ref, stage_targets in zip(refs, targets):
@@ -456,14 +470,17 @@ class UnitExecutor:
                      targets, maps, scores)
 
     def _score_floor(self, result: UnitResult, ids: list[str], targets: torch.Tensor,
-                     copies: list[dict[str, torch.Tensor]]) -> None:
-        """The random-network floor: one fully random copy's maps against the other's."""
+                     copies: list[dict[str, torch.Tensor]], explained: torch.Tensor,
+                     repeat: int) -> None:
+        """The random-network floor: one fully random copy's maps against the other's (one
+        pair of copies per repeat; ``explained``: the first copy's class, which differs from
+        the target only with 'recompute', where each copy explains its own top class)."""
         first, second = copies
         scores = {label: ReferenceScorer(first[label], self.setup.config.metrics,
                                          self.setup.post).score(second[label])
                   for label in first}
-        self._record(result, {}, FLOOR_TEST, 1, FLOOR_STAGE, ids, targets, targets, {},
-                     scores)
+        self._record(result, {}, FLOOR_TEST, 1, FLOOR_STAGE, ids, targets, explained, {},
+                     scores, repeat=repeat)
 
     def _score_edges(self, result: UnitResult, ids: list[str], inputs: torch.Tensor,
                      targets: torch.Tensor, scorers: dict[str, ReferenceScorer]) -> None:

@@ -7,7 +7,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from saliencycheck.runner.executor import REPEAT_SEED_STEP
+from saliencycheck.runner.executor import REPEAT_SEED_STEP, floor_seeds
 from saliencycheck.runner.setup import RunSetup
 
 PACKAGES = ("saliencycheck", "torch", "torchvision", "numpy", "scikit-image", "pydantic", "ray")
@@ -46,7 +46,8 @@ def seeds(setup: RunSetup) -> dict[str, object]:
         "runtime.seed": runtime.seed,
         "randomization_repeats": [runtime.seed + REPEAT_SEED_STEP * r
                                   for r in range(runtime.repeats)],
-        "random_floor_copies": ([runtime.seed + 1, runtime.seed + 2]
+        "random_floor_copies": ([list(pair) for pair in floor_seeds(runtime.seed,
+                                                                    runtime.repeats)]
                                 if setup.floor_stage else []),
         "label_training": section.train.seed if section and section.train else None,
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saliencycheck.config import ENTROPY_RISE
+from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
 from saliencycheck.errors import StoreError
 from saliencycheck.label_training import LabelModels, obtain_label_models
@@ -30,7 +30,6 @@ from saliencycheck.report.figures import (
     verdict_heatmap,
 )
 from saliencycheck.report.tables import (
-    FLOOR_TESTS,
     SummaryRow,
     summarize,
     write_report,
@@ -273,7 +272,8 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)
         if setup.config.output.figures:
-            verdict_heatmap(out / "figures" / "verdicts.png", verdicts)
+            verdict_heatmap(out / "figures" / "verdicts.png", verdicts,
+                            level=setup.config.runtime.ci_level)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
@@ -323,10 +323,12 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
             comparison_bars(figures / f"bars_{test}.png", summary, test, metrics,
                             title=TITLES[test], ylabel="rise over the trained map's entropy"
                             if test == ENTROPY_TEST else "similarity to trained map",
-                            methods=[m.label for m in setup.methods])
+                            methods=[m.label for m in setup.methods],
+                            level=setup.config.runtime.ci_level)
         else:  # the floor compares plain maps: not sMPRT's averaged ones
             similarity_curves(figures / f"curves_{test}.png", summary, test, metrics,
-                              floors=floors if test in FLOOR_TESTS else {})
+                              floors=floors if test in FLOOR_TESTS else {},
+                              level=setup.config.runtime.ci_level)
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
