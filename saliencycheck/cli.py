@@ -325,12 +325,11 @@ def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001
 
     colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}
     table = Table(title="verdicts (verdicts.csv)", title_justify="left")
-    for column in ("method", "test", "verdict", "metric @ stage", "mean [CI]", "evidence"):
+    for column in ("method", "test", "verdict", "evidence: mean [CI]; the bound judged"):
         table.add_column(column)
     for v in result.verdicts:
         table.add_row(v.method, v.test, f"[{colour[v.verdict]}]{v.verdict}[/]",
-                      f"{v.metric} @ {v.stage}",
-                      interval_text(v.statistic, v.ci_low, v.ci_high), v.reason)
+                      f"{interval_text(v.statistic, v.ci_low, v.ci_high)}; {v.reason}")
     console.print(table)
     if result.failures:
         failed = ", ".join(f"{v.method} ({v.test})" for v in result.failures)

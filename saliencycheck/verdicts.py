@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
-from saliencycheck.config import Threshold
+from saliencycheck.config import FLOOR_TESTS, Threshold
 from saliencycheck.errors import ConfigError
 from saliencycheck.report.tables import FLOOR_TEST
 
@@ -92,7 +92,9 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             row = rows.get((method, test, index, threshold.metric))
             mean, low, high = ((row.mean, row.ci_low, row.ci_high) if row
                                else (math.nan, math.nan, math.nan))
-            floor = floors.get((method, threshold.metric), math.nan)
+            # the floor scores plain maps: it is no reference for sMPRT, invariance, eMPRT
+            floor = floors.get((method, threshold.metric), math.nan) \
+                if test in FLOOR_TESTS else math.nan
             upper = threshold.min is None
             limit = (threshold.min if not upper else threshold.max if threshold.max is not None
                      else floor + threshold.max_above_floor)

@@ -74,6 +74,22 @@ def test_stages_by_name_or_index_and_invalid_tests() -> None:
         resolve_stage("cascading", 7, NAMES["cascading"], 3)
 
 
+def test_the_floor_is_recorded_only_where_it_is_a_reference() -> None:
+    floor = SummaryRow("gradient", "random_floor", 1, "random_vs_random", "spearman", 0.3, 0.1,
+                       0.25, 0.35, 8, 0)
+    shifted = SummaryRow("gradient", "input_invariance", 1, "shifted_input", "spearman", 0.99,
+                         0.01, 0.98, 1.0, 8, 0)
+    names = {**NAMES, "input_invariance": ["trained", "shifted_input"]}
+    verdicts = {v.test: v for v in decide(
+        [*SUMMARY, floor, shifted],
+        {"cascading": Threshold(metric="spearman", max=0.25),
+         "input_invariance": Threshold(metric="spearman", min=0.95)},
+        methods=["gradient"], stage_names=names, final_stage={**FINAL, "input_invariance": 1})}
+    assert verdicts["cascading"].floor == pytest.approx(0.3)
+    assert math.isnan(verdicts["input_invariance"].floor)
+    assert verdicts["input_invariance"].verdict == PASS
+
+
 def test_the_gate_counts_only_the_methods_fail_on_names() -> None:
     verdicts = decide(SUMMARY, {"cascading": Threshold(metric="spearman", max=0.25)},
                       methods=METHODS, stage_names=NAMES, final_stage=FINAL)
