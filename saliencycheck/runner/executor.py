@@ -206,10 +206,10 @@ class UnitExecutor:
                            for label, trained in maps[0].items()}
                 self._score_group(result, raw_maps, ids[group], targets[group],
                                   group_explained, maps, scorers)
-                for repeat in range(len(floor_maps) // 2):
-                    pair = slice(2 * repeat, 2 * repeat + 2)
-                    self._score_floor(result, ids[group], targets[group], floor_maps[pair],
-                                      floor_explained[pair][0], repeat)
+                pairs = zip(floor_maps[::2], floor_maps[1::2], floor_explained[::2])
+                for repeat, (first, second, explained_first) in enumerate(pairs):
+                    self._score_floor(result, ids[group], targets[group], [first, second],
+                                      explained_first, repeat)
                 if setup.config.tests.random_logit.enabled:
                     self._score_random_logit(result, raw_maps, ids[group], inputs[group],
                                              targets[group], logits.shape[1], scorers)
