@@ -152,6 +152,20 @@ def test_shards_merged_give_the_report_of_one_run(tmp_path: Path, reference: Pat
     assert "shards 1/3 have not finished: 1 of 4 units missing (unit-00001)" in result.output
     assert not (out / "report.csv").exists()
 
+    # Resubmitting only the missing task (`sbatch --array=1`): the variables now describe a
+    # one-task array, which would silently run every unit as "shard 0/1"; refused instead.
+    for name, value in {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1",
+                        "SLURM_ARRAY_TASK_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    result = run_cli("run", config)
+    assert result.exit_code == 2
+    last = result.output.splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in result.output, result.output
+    assert "holds the units of 3 shards" in last
+    assert '--shard "$SLURM_ARRAY_TASK_ID/3"' in last
+    assert not (out / "units" / "shards-1").exists()
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+
     assert run_cli("run", config, "--shard", "1/3").exit_code == 0
     result = run_cli("merge", out)
     assert result.exit_code == 0, result.output
@@ -255,8 +269,19 @@ def test_shard_from_slurm_array_variables() -> None:
     assert shard_from_env(stepped) == Shard(3, 4)
     with pytest.raises(UsageError, match="not an evenly spaced array"):
         shard_from_env({**stepped, "SLURM_ARRAY_TASK_ID": "5"})
-    with pytest.raises(UsageError, match="outside 0..3"):
+    with pytest.raises(UsageError, match="outside 0..3.*--shard .*original array size"):
         shard_from_env({**one_based, "SLURM_ARRAY_TASK_MIN": "0"})
+    assert shard_from_env(one_based).origin.startswith("SLURM_ARRAY_TASK_ID=4 (MIN=1")
+    assert parse_shard("3/4").origin == ""
+
+
+def test_only_a_shard_from_slurm_variables_must_match_the_stored_count() -> None:
+    from_env = shard_from_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
+    from_env.check_against([], where="out")
+    from_env.check_against([2], where="out")
+    with pytest.raises(UsageError, match="holds the units of 8 shards"):
+        from_env.check_against([2, 8], where="out")
+    parse_shard("0/2").check_against([8], where="out")  # explicit: the user's choice
 
 
 def test_bad_shard_is_one_line_exit_2(tmp_path: Path) -> None:

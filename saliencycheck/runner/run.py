@@ -153,6 +153,7 @@ def run_shard(setup: RunSetup, shard: Shard, *, progress: Progress = lambda *_: 
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
     store = open_store(setup, units, keep=True, fix="delete its units/ folder (or set "
                        "output.dir to another folder) before the array job starts")
+    shard.check_against(store.shard_counts(), where=setup.output_dir)
     store.mark_shards(shard.count)
     mine = shard.units(units)
     ran = execute(setup, store, mine, progress=progress, retrain=retrain)
