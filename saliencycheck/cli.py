@@ -55,8 +55,10 @@ def options(debug: Annotated[bool, typer.Option(
 
 
 def fail(exc: SaliencyCheckError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                      soft_wrap=True)
+    message = escape(str(exc))
+    if exc.exit_code == 3:  # not the user's input: what the worker said goes to error.log
+        message += f" (details in {_write_error_log()})"
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
 
 

@@ -31,3 +31,10 @@ class UsageError(SaliencyCheckError):
 
 class StoreError(SaliencyCheckError):
     """An output folder's stored units cannot be resumed or merged (another config, missing)."""
+
+
+class WorkerError(SaliencyCheckError):
+    """A work unit kept failing on a worker beyond runtime.max_retries (a crashed process, a
+    lost node): the other finished units are stored, so ``--resume`` retries only the rest."""
+
+    exit_code = 3

@@ -5,6 +5,7 @@ Every end-to-end test compares report.csv byte for byte with one uninterrupted r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,13 +23,14 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from saliencycheck.atomic import atomic_write_text
+from saliencycheck.atomic import atomic_write, atomic_write_text
 from saliencycheck.cli import app
 from saliencycheck.errors import UsageError
 from saliencycheck.runner import backends
 from saliencycheck.runner.backends import worker_devices
 from saliencycheck.runner.plan import plan_units
 from saliencycheck.runner.shards import Shard, parse_shard, shard_from_env
+from saliencycheck.runner.store import ResultStore, ScoreRow, UnitResult
 from tests.test_cli import tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +229,18 @@ def test_a_pool_of_worker_processes_gives_the_same_report(tmp_path: Path, refere
     assert report(tmp_path / "out") == report(reference)
 
 
+def test_a_worker_process_that_dies_is_one_line_exit_3(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_project(tmp_path, images=3, model={"factory": "tests.test_ray:dying_cnn"},
+                           runtime={"batch_size": 2})
+    monkeypatch.setattr(backends, "worker_devices", lambda requested, count: ["cpu", "cpu"])
+    result = run_cli("run", config)
+    assert result.exit_code == 3, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: the worker on cpu exited with code 1; the units that "
+                           "finished are stored: rerun with --resume"), line
+
+
 def test_worker_devices_use_every_gpu_unless_one_is_pinned() -> None:
     assert worker_devices("auto", 0) == ["auto"]
     assert worker_devices("auto", 1) == ["auto"]
@@ -296,3 +310,40 @@ def test_atomic_writes_leave_no_temporary_file(tmp_path: Path) -> None:
     atomic_write_text(target, "second")
     assert target.read_text() == "second"
     assert os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_a_write_failing_midway_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    target = tmp_path / "plan.json"
+    atomic_write_text(target, "first")
+
+    def half_then_full_disk(tmp: Path) -> None:
+        tmp.write_text("sec")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, half_then_full_disk)
+    assert target.read_text() == "first"
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_a_unit_cut_off_while_being_stored_is_not_finished(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Half of its JSON written, then the disk is full: the unit is not stored (a resume runs
+    it again) and the store still loads."""
+    row = ScoreRow(image="a.png", target=1, target_explained=1, method="gradient",
+                   test="cascading", stage_index=1, stage="fc", metric="ssim", value=0.5)
+    store = ResultStore(tmp_path)
+    store.save(UnitResult("unit-00000", rows=[row]))
+    write_text = Path.write_text
+
+    def cut_off(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    with pytest.raises(OSError):
+        store.save(UnitResult("unit-00001", rows=[row]))
+    monkeypatch.undo()
+    assert store.unit_ids() == {"unit-00000"}
+    assert store.load().rows == [row]

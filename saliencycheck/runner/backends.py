@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from saliencycheck.errors import SaliencyCheckError
+from saliencycheck.errors import SaliencyCheckError, WorkerError
 from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.executor import UnitExecutor
 from saliencycheck.runner.plan import WorkUnit
@@ -112,9 +112,9 @@ class ProcessPool:
             except queue.Empty:
                 for device, worker in zip(self.devices, workers):
                     if worker.exitcode not in (None, 0):
-                        raise RuntimeError(f"the worker on {device} exited with code "
-                                           f"{worker.exitcode}; finished units are stored, "
-                                           "rerun with --resume") from None
+                        raise WorkerError(f"the worker on {device} exited with code "
+                                          f"{worker.exitcode}; the units that finished are "
+                                          "stored: rerun with --resume to run the rest") from None
 
 
 def _serve(spec: WorkerSpec, tasks, results) -> None:  # noqa: ANN001  (multiprocessing queues)
