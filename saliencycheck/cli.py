@@ -179,6 +179,12 @@ def _show_result(result, *, junit: Path | None, as_json: bool) -> None:  # noqa:
     for path, reason in result.skipped:
         err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
                           highlight=False)
+    invariance = result.input_invariance
+    if invariance and not invariance["valid"]:
+        err_console.print(f"[yellow]warning:[/] input invariance is invalid: "
+                          f"{escape(invariance['reason'])}; its scores say nothing (flagged in "
+                          "report.csv's note, INVALID where a threshold is set)",
+                          highlight=False, soft_wrap=True)
     for test, stage in result.unchanged_stages:
         err_console.print(f"[yellow]warning:[/] {test} stage {stage} left the logits unchanged: "
                           "the randomized block does not reach the output, so its scores say "
@@ -305,16 +311,23 @@ def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001
     rows = {(s.method, s.stage, s.metric): s for s in result.summary if s.test == LABEL_TEST}
     has_control = any(stage == CONTROL for _, stage, _ in rows)
 
+    shows_floor = any(not math.isnan(s.above_floor) for (_, stage, _), s in rows.items()
+                      if stage == RANDOM_LABELS)
+
     def cell(method: str, metric: str) -> str:
         random = rows.get((method, RANDOM_LABELS, metric))
         control = rows.get((method, CONTROL, metric))
-        return (_fmt(random.mean) if random else "-") + (
+        text = (_fmt(random.mean) if random else "-") + (
             f" ({_fmt(control.mean)})" if control else "")
+        if random and not math.isnan(random.above_floor):
+            text += f"\n[dim]Δ{_fmt(random.above_floor)}[/]"
+        return text
 
     console.print(_method_table(
         result, "label_randomization: similarity to the trained model's maps, random-label "
                 "model" + (" (true-label control)" if has_control else "")
-                + ", mean over images", cell))
+                + ", mean over images" + ("; Δ: above the random-network floor"
+                                          if shows_floor else ""), cell))
     if info is not None:
         status = ("[green]valid[/]" if info["valid"]
                   else "[bold yellow]INVALID[/] (not passed, not failed)")

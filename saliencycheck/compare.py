@@ -8,8 +8,9 @@ undefined (constant maps) or defined, a verdict that went from PASS to FAIL or I
 disappeared (verdicts.csv), or a score the baseline had and the new run lacks. Falls are
 listed as improvements. Two scores point the other way and
 regress when they *fall*: input invariance's similarity (the map should not change) and eMPRT's
-entropy rise. The random-network floor and eMPRT's raw entropies describe, they do not judge:
-they are not compared.
+entropy rise. The random-network floor, the edge-detector similarity, eMPRT's raw entropies
+and label randomization's true-label control describe, they do not judge: they are not
+compared.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saliencycheck.errors import DataError
-from saliencycheck.verdicts import COMPLETENESS_TEST, PASS
+from saliencycheck.label_training import CONTROL
+from saliencycheck.verdicts import COMPLETENESS_TEST, EDGE_TEST, PASS
 
 Key = tuple[str, str, int, str]  # method, test, stage_index, metric
 HIGHER_IS_BETTER = {("input_invariance", None), ("entropy_mprt", "entropy_rise")}
-NOT_JUDGED = {("random_floor", None), ("entropy_mprt", "entropy")}
+NOT_JUDGED = {("random_floor", None), (EDGE_TEST, None), ("entropy_mprt", "entropy")}
+NOT_JUDGED_STAGES = {("label_randomization", CONTROL)}  # (test, stage name)
 # Stage 0 is the trained model compared with itself (a score of 1), except for the tests
 # that score the trained model alone.
 TRAINED_MODEL_TESTS = {COMPLETENESS_TEST}
 
 
-def _worse_when(test: str, metric: str) -> int:
+def _worse_when(test: str, metric: str, stage: str) -> int:
     """+1: a rise is a regression; −1: a fall is; 0: not compared (a description)."""
-    if {(test, None), (test, metric)} & NOT_JUDGED:
+    if {(test, None), (test, metric)} & NOT_JUDGED or (test, stage) in NOT_JUDGED_STAGES:
         return 0
     return -1 if {(test, None), (test, metric)} & HIGHER_IS_BETTER else 1
 
@@ -92,7 +95,7 @@ def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Compa
     regressions, improvements, compared = [], [], 0
     for key, (stage, old) in sorted(before.items()):
         method, test, _, metric = key
-        direction = _worse_when(test, metric)
+        direction = _worse_when(test, metric, stage)
         if not direction:
             continue
         if key not in after:

@@ -20,6 +20,15 @@ from torch import Tensor, nn
 from saliencycheck.errors import ConfigError
 
 FIELD = "tests.input_invariance"
+LOGIT_TOLERANCE = 1e-4  # largest mean relative L2 change of the logits compensation keeps
+
+
+def compensation_failure(relative_l2: float) -> str:
+    """Why the test says nothing when the compensated logits moved ('' when they did not)."""
+    if not relative_l2 > LOGIT_TOLERANCE:
+        return ""
+    return (f"the compensated model's logits moved by {relative_l2:.2e} (relative L2 > "
+            f"{LOGIT_TOLERANCE}); the model uses its input beyond the first layer")
 
 
 def pixel_shift(shift: float, std: Sequence[float], like: Tensor) -> Tensor:

@@ -176,7 +176,12 @@ def test_cli_runs_the_test_on_an_image_folder_and_writes_its_outputs(folder_proj
     result = runner.invoke(app, ["run", str(folder_project / "config.yaml")])
     assert result.exit_code == 0, result.output
     assert "label randomization: valid" in result.output
+    assert "Δ: above the random-network floor" in " ".join(result.output.split())
     out = folder_project / "out"
+    gradient = next(r for r in _rows(out / "summary.csv") if r["test"] == "label_randomization"
+                    and r["stage"] == RANDOM_LABELS and r["method"] == "gradient"
+                    and r["metric"] == "ssim")
+    assert f"Δ{float(gradient['above_floor']):+.2f}" in result.output
     rows = [r for r in _rows(out / "report.csv") if r["test"] == "label_randomization"]
     assert {(r["stage_index"], r["stage"]) for r in rows} == {
         ("0", "trained"), ("1", RANDOM_LABELS), ("2", CONTROL)}

@@ -24,6 +24,7 @@ from saliencycheck.errors import ConfigError
 from saliencycheck.invariance import compensated, first_layer, pixel_shift
 from saliencycheck.report.tables import SummaryRow
 from saliencycheck.verdicts import FAIL, PASS, decide
+from tests.test_cli import tiny_cnn
 
 runner = CliRunner()
 
@@ -188,6 +189,37 @@ def test_input_invariance_gradient_passes_gradient_x_input_and_ig_fail(project) 
     assert "gradient_x_input (input_invariance)" in " ".join(gated.output.split())
 
 
+class RereadsItsInput(nn.Module):
+    """`tiny_cnn` plus a term that reads the raw input again after the first layer, so no
+    first-layer compensation can keep its logits."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.body = tiny_cnn(num_classes)
+        self.mix = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.mix(x.mean(dim=(2, 3)))
+
+
+def test_a_compensation_that_moves_the_logits_is_flagged_even_without_a_threshold(
+        project) -> None:
+    result = _run(project, "--set", "tests.input_invariance.enabled=true", "--set",
+                  "model.factory=tests.test_sanity_tests:RereadsItsInput")
+    assert result.exit_code == 0, result.output
+    assert "warning: input invariance is invalid: the compensated model's logits moved by" \
+        in " ".join(result.output.split())
+    rows = [r for r in _rows(project / "out" / "report.csv")
+            if r["test"] == "input_invariance" and r["stage_index"] == "1"]
+    assert rows and all(r["note"].startswith("invalid test: the compensated model's logits "
+                                             "moved by") for r in rows)
+    verdict = _run(project, "--set", "tests.input_invariance.enabled=true", "--set",
+                   "model.factory=tests.test_sanity_tests:RereadsItsInput", "--set",
+                   "thresholds={input_invariance: {metric: spearman, min: 0.0}}")
+    assert verdict.exit_code == 0, verdict.output
+    assert {r["verdict"] for r in _rows(project / "out" / "verdicts.csv")} == {"INVALID"}
+
+
 # --- sMPRT --------------------------------------------------------------------------------
 
 
@@ -280,22 +312,34 @@ def test_compare_knows_which_scores_must_stay_high(tmp_path: Path) -> None:
         with (out / "summary.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
             writer.writeheader()
-            for (test, metric), mean in means.items():
-                writer.writerow({"method": "gradient", "test": test, "stage_index": 1,
-                                 "stage": "s", "metric": metric, "mean": mean})
+            for index, ((test, metric, stage), mean) in enumerate(means.items()):
+                writer.writerow({"method": "gradient", "test": test, "stage_index": 1 + index,
+                                 "stage": stage, "metric": metric, "mean": mean})
         return out
 
-    before = run("before", {("cascading", "spearman"): 0.1, ("input_invariance", "spearman"): 0.99,
-                            ("entropy_mprt", "entropy_rise"): 0.3, ("entropy_mprt", "entropy"): 4.0,
-                            ("random_floor", "spearman"): 0.2})
-    after = run("after", {("cascading", "spearman"): 0.0, ("input_invariance", "spearman"): 0.80,
-                          ("entropy_mprt", "entropy_rise"): 0.1, ("entropy_mprt", "entropy"): 5.0,
-                          ("random_floor", "spearman"): 0.5})
+    before = run("before", {("cascading", "spearman", "s"): 0.1,
+                            ("input_invariance", "spearman", "s"): 0.99,
+                            ("entropy_mprt", "entropy_rise", "s"): 0.3,
+                            ("entropy_mprt", "entropy", "s"): 4.0,
+                            ("random_floor", "spearman", "s"): 0.2,
+                            ("edge_similarity", "spearman", "sobel_edges"): 0.2,
+                            ("label_randomization", "spearman", "random_labels"): 0.2,
+                            ("label_randomization", "spearman", "control"): 0.6})
+    after = run("after", {("cascading", "spearman", "s"): 0.0,
+                          ("input_invariance", "spearman", "s"): 0.80,
+                          ("entropy_mprt", "entropy_rise", "s"): 0.1,
+                          ("entropy_mprt", "entropy", "s"): 5.0,
+                          ("random_floor", "spearman", "s"): 0.5,
+                          ("edge_similarity", "spearman", "sobel_edges"): 0.5,
+                          ("label_randomization", "spearman", "random_labels"): 0.4,
+                          ("label_randomization", "spearman", "control"): 0.9})
     result = compare_runs(before, after, tolerance=0.05)
-    assert {(c.test, c.metric) for c in result.regressions} == {
-        ("input_invariance", "spearman"), ("entropy_mprt", "entropy_rise")}
+    assert {(c.test, c.stage) for c in result.regressions} == {
+        ("input_invariance", "s"), ("entropy_mprt", "s"),
+        ("label_randomization", "random_labels")}
     assert {(c.test, c.metric) for c in result.improvements} == {("cascading", "spearman")}
-    assert result.compared == 3  # the floor and the raw entropy describe, they do not judge
+    # the floor, the edges, the raw entropy and the control describe, they do not judge
+    assert result.compared == 4
 
 
 @pytest.mark.parametrize(("builder", "size"), [

@@ -370,7 +370,8 @@ def test_bootstrap_interval_matches_scipy_and_covers_seeds() -> None:
 
 
 def test_repeats_randomize_with_new_seeds_and_pool_into_the_summary(project) -> None:
-    result = _run(project, "--set", "runtime.repeats=2")
+    result = _run(project, "--set", "runtime.repeats=2", "--set",
+                  "tests.random_logit.enabled=true")
     assert result.exit_code == 0, result.output
     with (project / "out" / "report.csv").open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["test"] == "cascading"]
@@ -397,6 +398,20 @@ def test_repeats_randomize_with_new_seeds_and_pool_into_the_summary(project) -> 
     assert floor_by_repeat["0"] != floor_by_repeat["1"]
     seeds = json.loads((project / "out" / "run.json").read_text())["seeds"]
     assert seeds["random_floor_copies"] == [[1, 2], [1001, 1002]]
+    # The random logit draws its other class again per repeat (seeds 0 and 1000).
+    with (project / "out" / "report.csv").open(newline="") as fh:
+        logit = [r for r in csv.DictReader(fh) if r["test"] == "random_logit"
+                 and r["stage_index"] == "1" and r["method"] == "gradient"
+                 and r["metric"] == "ssim"]
+    drawn = {rep: [r["target_explained"] for r in logit if r["repeat"] == rep]
+             for rep in ("0", "1")}
+    assert len(drawn["0"]) == len(drawn["1"]) == 4 and drawn["0"] != drawn["1"]
+    assert all(r["target_explained"] != r["target"] for r in logit)
+    with (project / "out" / "summary.csv").open(newline="") as fh:
+        [pooled] = [r for r in csv.DictReader(fh) if r["test"] == "random_logit"
+                    and r["stage_index"] == "1" and r["metric"] == "ssim"
+                    and r["method"] == "gradient"]
+    assert pooled["n"] == "8"
 
 
 def test_the_confidence_level_reaches_the_summary_verdicts_and_figures(project,

@@ -17,7 +17,7 @@ from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images
 from saliencycheck.errors import MethodError
 from saliencycheck.host_memory import reused_host_memory
-from saliencycheck.invariance import compensated, pixel_shift
+from saliencycheck.invariance import compensated, compensation_failure, pixel_shift
 from saliencycheck.label_training import LabelModels
 from saliencycheck.methods.baselines import make_baseline
 from saliencycheck.methods.passes import (
@@ -466,8 +466,9 @@ class UnitExecutor:
             relative_l2_sum=change["relative_l2"] * len(ids),
             top1_agreement_sum=change["top1_agreement"] * len(ids)))
         scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
+        failure = compensation_failure(change["relative_l2"])
         self._record(result, raw_maps, INVARIANCE_TEST, 1, INVARIANCE_STAGE, ids, targets,
-                     targets, maps, scores)
+                     targets, maps, scores, note=failure and f"invalid test: {failure}")
 
     def _score_floor(self, result: UnitResult, ids: list[str], targets: torch.Tensor,
                      copies: list[dict[str, torch.Tensor]], explained: torch.Tensor,
@@ -496,20 +497,23 @@ class UnitExecutor:
                             raw_maps: dict[str, dict[str, np.ndarray]], ids: list[str],
                             inputs: torch.Tensor, targets: torch.Tensor, classes: int,
                             scorers: dict[str, ReferenceScorer]) -> None:
-        """Maps for a random other class (drawn per image from a generator seeded by the run's
-        seed and the image id, so batching cannot change it) against the explained class's."""
+        """Maps for a random other class (drawn per image from a generator seeded by the
+        repeat's seed and the image id, so batching cannot change it) against the explained
+        class's; one draw per ``runtime.repeats`` (seeds seed, seed+1000, ...)."""
         setup = self.setup
         if classes < 2:
             raise MethodError("random_logit: the model has one output; there is no other "
                               "class to explain")
-        shifts = [int(torch.randint(1, classes, (1,), generator=torch.Generator().manual_seed(
-            block_seed(setup.config.runtime.seed, image)))) for image in ids]
-        others = (targets + torch.tensor(shifts, device=targets.device)) % classes
         model = self._enter(None)
-        maps = compute_maps(setup.methods, model, inputs, others, setup.context)
-        scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
-        self._record(result, raw_maps, LOGIT_TEST, 1, LOGIT_STAGE, ids, targets, others, maps,
-                     scores)
+        for repeat in range(setup.config.runtime.repeats):
+            seed = setup.config.runtime.seed + REPEAT_SEED_STEP * repeat
+            shifts = [int(torch.randint(1, classes, (1,), generator=torch.Generator()
+                                        .manual_seed(block_seed(seed, image)))) for image in ids]
+            others = (targets + torch.tensor(shifts, device=targets.device)) % classes
+            maps = compute_maps(setup.methods, model, inputs, others, setup.context)
+            scores = {label: scorers[label].score(candidate) for label, candidate in maps.items()}
+            self._record(result, raw_maps, LOGIT_TEST, 1, LOGIT_STAGE, ids, targets, others,
+                         maps, scores, repeat=repeat)
 
     def _score_completeness(self, result: UnitResult, ids: list[str], inputs: torch.Tensor,
                             targets: torch.Tensor, trained: dict[str, torch.Tensor]) -> None:
@@ -560,9 +564,9 @@ class UnitExecutor:
                 test: str, stage_index: int, stage_name: str, ids: list[str],
                 targets: torch.Tensor, explained: torch.Tensor,
                 maps: dict[str, torch.Tensor], scores: dict[str, dict[str, Scores]],
-                repeat: int = 0) -> None:
+                repeat: int = 0, note: str = "") -> None:
         setup = self.setup
-        note = self._label_note if test == LABEL_TEST else ""
+        note = self._label_note if test == LABEL_TEST else note
         target_list, explained_list = targets.tolist(), explained.tolist()
         for method, method_scores in scores.items():
             for metric, score in method_scores.items():

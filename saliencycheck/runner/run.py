@@ -20,6 +20,7 @@ import torch
 from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
 from saliencycheck.errors import StoreError
+from saliencycheck.invariance import compensation_failure
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
@@ -75,7 +76,6 @@ TITLES = {"cascading": "cascading randomization", "independent": "independent ra
           SMOOTH_TEST: "smooth MPRT (maps averaged over noisy copies)",
           ENTROPY_TEST: "efficient MPRT (relative rise of histogram entropy)"}
 BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
-INVARIANCE_TOLERANCE = 1e-4  # largest mean relative L2 change of the logits compensation keeps
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class RunResult:
     units_total: int
     timings: dict[str, float] = field(default_factory=dict)
     label_randomization: dict | None = None  # validity and the models' accuracies
+    input_invariance: dict | None = None  # whether the compensation kept the logits
     verdicts: list[Verdict] = field(default_factory=list)
     failures: list[Verdict] = field(default_factory=list)  # FAIL verdicts fail_on counts
     units_resumed: int = 0  # already stored when the run started (--resume)
@@ -285,7 +286,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                      final_stage=final_stage,
                      units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
                      label_randomization=label_randomization, verdicts=verdicts,
-                     failures=failures, unchanged_stages=sorted(
+                     failures=failures, input_invariance=invariance, unchanged_stages=sorted(
                          {(r.test, r.stage) for r in rows if UNCHANGED_NOTE in r.note}))
 
 
@@ -296,12 +297,9 @@ def invariance_check(setup: RunSetup, observations: list) -> dict | None:
     seen = [o for o in observations if o.test == INVARIANCE_TEST]
     n = sum(o.n for o in seen)
     change = sum(o.relative_l2_sum for o in seen) / n if n else float("nan")
-    valid = not change > INVARIANCE_TOLERANCE
+    reason = compensation_failure(change)
     return {"layer": setup.invariance_layer, "shift": setup.config.tests.input_invariance.shift,
-            "logit_relative_l2": change, "valid": valid,
-            "reason": "" if valid else (f"the compensated model's logits moved by {change:.2e} "
-                                        f"(relative L2 > {INVARIANCE_TOLERANCE}); the model "
-                                        "uses its input beyond the first layer")}
+            "logit_relative_l2": change, "valid": not reason, "reason": reason}
 
 
 def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
