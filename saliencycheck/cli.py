@@ -92,6 +92,7 @@ def run(config: ConfigArg, overrides: SetOption = None,
     from saliencycheck.runner import prepare, run_check
     from saliencycheck.runner.run import run_shard
     from saliencycheck.runner.shards import parse_shard, shard_from_env
+    from saliencycheck.runner.store import check_writable
 
     if output is not None:
         overrides = [*(overrides or []), f"output.dir={output.resolve()}"]
@@ -102,7 +103,9 @@ def run(config: ConfigArg, overrides: SetOption = None,
         try:
             part = parse_shard(shard) if shard is not None else shard_from_env(os.environ)
             loaded = load_config(config, overrides)
-            _log_errors_in(loaded.resolve(loaded.config.output.dir))
+            out = loaded.resolve(loaded.config.output.dir)
+            check_writable(out, f"{loaded.source.name}: output.dir")
+            _log_errors_in(out)
             with console.status("loading model and images"):
                 setup = prepare(loaded)
             labels = ", ".join(m.label for m in setup.methods)
@@ -148,8 +151,9 @@ def _output_failure(exc: OSError) -> typer.Exit:
     where = exc.filename or _error_log_dir or "the output folder"
     err_console.print(
         f"[bold red]error:[/] cannot write {escape(str(where))} ({escape(exc.strerror or '')}); "
-        "free space or set output.dir (or -o) to a writable folder. No report was written "
-        "from this attempt; the units stored before it are kept (--resume picks them up)",
+        "free space or set output.dir (or -o) to a writable folder. The folder holds no "
+        "complete report (run.json, written last, is absent); the units stored are kept: "
+        "--resume (or merge) writes the report from them",
         highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
@@ -374,12 +378,15 @@ def merge(
 
     Exit code 2 naming the missing shards when units are missing; 1 as for run."""
     from saliencycheck.runner.merge import merge_outputs
+    from saliencycheck.runner.store import check_writable
 
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         warnings.showwarning = _show_warning
         _log_errors_in(output or folders[0])
         try:
+            if output is not None:
+                check_writable(output, "-o")
             with console.status("merging"):
                 result = merge_outputs(folders, output=output, allow_partial=allow_partial)
         except SaliencyCheckError as exc:
@@ -487,8 +494,9 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 (the last line of defence)
-        if os.environ.get("SALIENCYCHECK_DEBUG") == "1":
-            raise
+        if os.environ.get("SALIENCYCHECK_DEBUG") == "1":  # the traceback here, still exit 3
+            traceback.print_exc()
+            sys.exit(3)
         log = _write_error_log()
         first = (str(exc).splitlines() or [""])[0][:200]
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)}; "

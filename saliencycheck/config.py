@@ -73,8 +73,8 @@ class ImagesConfig(Section):
         None,
         ge=8,
         description=(
-            "Images are resized (shorter side) and centre-cropped to size x size. Default: the "
-            "named torchvision weights' own preprocessing, else 224."
+            "Images are resized (shorter side) and centre-cropped to size x size (8 to 4096). "
+            "Default: the named torchvision weights' own preprocessing, else 224."
         ),
     )
     mean: tuple[float, float, float] | None = Field(
@@ -100,6 +100,18 @@ class ImagesConfig(Section):
         ),
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many images (sorted).")
+
+    @field_validator("size")
+    @classmethod
+    def _not_huge(cls, value: int | None) -> int | None:
+        if value is not None and value > 4096:
+            gib = 3 * value * value * 4 / 2**30
+            raise ValueError(
+                f"{value} px is too large: at most 4096, since every image, map and "
+                f"activation holds size x size values (one {value}x{value} RGB input alone is "
+                f"{gib:.3g} GiB as float32); give a smaller size, e.g. 224"
+            )
+        return value
 
 
 class MethodEntry(Section):
@@ -293,6 +305,7 @@ class TestsConfig(Section):
 
 
 METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
+COMPLETE_METHODS = ("integrated_gradients", "gradient_x_input")  # what completeness checks
 # Tests whose scores compare plain maps, so the random-network floor applies to them.
 FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
 ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained map)) / H(trained)
@@ -333,11 +346,14 @@ class RuntimeConfig(Section):
         "PyTorch's allocator enforces it; a pass that would exceed it is halved, as after an "
         "out-of-memory error, and chunk_size auto sizes passes to it. No effect on the CPU.",
     )
-    seed: int = Field(0, description="Seeds randomization and noise (local generators only).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds randomization and noise (local "
+                      "generators only); 0 to 2**32 - 1.")
     repeats: int = Field(
         1, ge=1,
-        description="Repeat every randomization with this many seeds (seed, seed+1000, ...); "
-        "confidence intervals then cover images and seeds.",
+        description="Repeat every randomization with this many seeds (seed, seed+1000, ...): "
+        "the randomization stages, the random-network floor and the random logit's class; "
+        "confidence intervals then cover images and seeds. Label randomization trains one "
+        "random-label model (its interval covers images).",
     )
     ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
     bootstrap: int = Field(
@@ -553,6 +569,15 @@ class Config(Section):
             if test != "entropy_mprt" and threshold.metric not in self.metrics:
                 raise ValueError(f"thresholds.{test}.metric: {threshold.metric!r} is not "
                                  f"computed; add it to metrics: {list(self.metrics)}")
+        return self
+
+    @model_validator(mode="after")
+    def _completeness_has_a_method(self) -> Config:
+        names = {m if isinstance(m, str) else m.name for m in self.methods}
+        if self.tests.completeness.enabled and not names & set(COMPLETE_METHODS):
+            raise ValueError("tests.completeness: it checks integrated_gradients and "
+                             "gradient_x_input, and methods has neither; add one or disable "
+                             "the test")
         return self
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +82,23 @@ def _weights_preprocessing(weights: Any) -> Preprocessing | None:
     )
 
 
-def extract_state_dict(checkpoint: Any, *, path: Path) -> dict[str, torch.Tensor]:
+SAVE_STATE_DICT = "torch.save(model.state_dict(), path)"
+KEYS_SHOWN = 4  # mismatched keys listed per kind (missing, unexpected, size)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_SIZE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                   r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message without terminal colour codes, or
+    the exception's type name when the message is empty (``EOFError()`` has none)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines()]
+    return next((line for line in lines if line), type(exc).__name__)
+
+
+def extract_state_dict(checkpoint: Any, *, path: Path,
+                       field: str = "model.weights") -> dict[str, torch.Tensor]:
     """Find the state_dict in a checkpoint and strip DataParallel 'module.' prefixes."""
     state = checkpoint
     if isinstance(checkpoint, dict):
@@ -89,41 +108,105 @@ def extract_state_dict(checkpoint: Any, *, path: Path) -> dict[str, torch.Tensor
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(
-            f"model.weights: {path} holds no state_dict (expected a dict of tensors, or one "
-            "under 'state_dict' or 'model')"
+            f"{field}: {path} holds no state_dict (expected a dict of tensors, or one "
+            f"under 'state_dict' or 'model'); re-save it with {SAVE_STATE_DICT}"
         )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_checkpoint(module: nn.Module, path: Path, *, field: str = "model.weights") -> None:
-    """Load a local checkpoint into `module` safely (`weights_only=True`) and strictly."""
+def _is_raw_pickle(path: Path) -> bool:
+    """Whether the file starts like a pickle of protocol 2-5: a raw pickle (torch.save writes
+    zip archives)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _load_failure(exc: Exception, path: Path, field: str) -> ModelError:
+    """Why ``torch.load(weights_only=True)`` refused a file, as one line with the fix."""
+    if isinstance(exc, PermissionError):
+        return ModelError(f"{field}: cannot read checkpoint {path} (permission denied); make it "
+                          "readable by this user")
+    text = _ANSI.sub("", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = _GLOBAL.search(text)
+        if found or _is_raw_pickle(path):
+            what = (f"pickled Python objects ({found.group(1)}, as torch.save(model) writes)"
+                    if found else "a raw Python pickle (not written by torch.save)")
+            return ModelError(
+                f"{field}: {path} is not a plain state_dict but {what}: loading it would run "
+                "code, which weights_only=True loading refuses; from trusted code, re-save it "
+                f"with {SAVE_STATE_DICT}"
+            )
+    return ModelError(
+        f"{field}: {path} is truncated or corrupt (torch.load failed with "
+        f"{type(exc).__name__}); re-save it with {SAVE_STATE_DICT}, or download or copy it "
+        "again"
+    )
+
+
+def read_checkpoint(path: Path, *, field: str = "model.weights") -> dict[str, torch.Tensor]:
+    """The state_dict in a local checkpoint, loaded safely: ``weights_only=True`` runs no code
+    from the file. Every failure is a `ModelError` naming ``field``, the file and the fix."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise ModelError(f"{field}: cannot read checkpoint {path} "
+                         f"({exc.strerror or first_line(exc)})") from None
+    if empty:
+        raise ModelError(f"{field}: {path} is empty (0 bytes), so it holds no weights; re-save "
+                         f"it with {SAVE_STATE_DICT}, or download or copy it again")
+    try:
+        with warnings.catch_warnings():  # raw pickles warn before they are refused: one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / unsafe files
-        raise ModelError(
-            f"{field}: cannot load checkpoint {path} with weights_only=True "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-        ) from None
-    state = extract_state_dict(checkpoint, path=path)
+        raise _load_failure(exc, path, field) from None
+    return extract_state_dict(checkpoint, path=path, field=field)
+
+
+def _keys(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:KEYS_SHOWN]) + (", ..." if len(keys) > KEYS_SHOWN else "")
+    return f"{len(keys)} {kind} keys (first: {shown})"
+
+
+def _size_mismatches(exc: RuntimeError) -> str:
+    """The size mismatches `load_state_dict` reports, shortened; else its first line."""
+    found = _SIZE.findall(str(exc))
+    if not found:
+        return first_line(exc)[:200]
+    shown = [f"{key} (checkpoint {saved}, model {expected})"
+             for key, saved, expected in found[:KEYS_SHOWN]]
+    more = f", ... ({len(found)} in all)" if len(found) > KEYS_SHOWN else ""
+    return f"size mismatch for {', '.join(shown)}{more}"
+
+
+def load_state_strictly(module: nn.Module, state: dict[str, torch.Tensor], *, path: Path,
+                        field: str) -> None:
+    """Load ``state`` into ``module`` (changing it), strictly: a `ModelError` lists the first
+    missing, unexpected and mis-shaped keys."""
+    fix = "check model.name and model.num_classes"
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even with strict=False
-        mismatch = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
-                        str(exc).splitlines()[0])
-        raise ModelError(f"{field}: {path} does not match the model: {mismatch[:200]}; "
-                         "check model.name and model.num_classes") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            parts.append(
-                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})"
-            )
-        raise ModelError(
-            f"{field}: {path} does not match the model: {'; '.join(parts)}; "
-            "check model.name and model.num_classes"
-        )
+        raise ModelError(f"{field}: {path} does not match the model: {_size_mismatches(exc)}; "
+                         f"{fix}") from None
+    parts = []
+    if result.missing_keys:
+        parts.append(_keys("missing", result.missing_keys))
+    if result.unexpected_keys:
+        parts.append(_keys("unexpected", result.unexpected_keys))
+    if parts:
+        raise ModelError(f"{field}: {path} does not match the model: {'; '.join(parts)}; {fix}")
+
+
+def load_checkpoint(module: nn.Module, path: Path, *, field: str = "model.weights") -> None:
+    """Load a local checkpoint into `module` safely (`weights_only=True`) and strictly."""
+    load_state_strictly(module, read_checkpoint(path, field=field), path=path, field=field)
 
 
 def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> LoadedModel:
@@ -170,7 +253,7 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
             except Exception as exc:  # download or cache failures surface here
                 raise ModelError(
                     f"model.weights: cannot load torchvision weights {cfg.name}/{cfg.weights} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); they are "
+                    f"({type(exc).__name__}: {first_line(exc)[:160]}); they are "
                     "downloaded once to the torch hub cache, or use a local checkpoint path"
                 ) from None
             preprocessing = _weights_preprocessing(enum_weights)
@@ -196,17 +279,28 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; explicit devices are checked."""
+    """'auto' picks CUDA when available; 'cpu', 'cuda' and 'cuda:N' are checked against this
+    machine. Other torch device types (mps, xpu, meta, ...) are refused: the runner's memory
+    handling and generators are written for CPU and CUDA only."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fix = "use auto, cpu, cuda or cuda:N with N < torch.cuda.device_count()"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(
-            f"runtime.device: {name!r} is not a device; use auto, cpu or cuda"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: CUDA requested but not available; use auto or cpu")
+        raise ConfigError(f"runtime.device: {name!r} is not a device; {fix}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"runtime.device: {name!r} is not supported (saliencycheck runs on "
+                          f"CPU or CUDA devices only); {fix}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: CUDA requested but not available ({name!r} on a "
+                          "machine without a usable CUDA GPU); use auto or cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"runtime.device: {name!r} names GPU {device.index}, but this machine "
+                          f"has {count} (cuda:0 to cuda:{count - 1}); {fix}")
     return device
 
 

@@ -221,8 +221,9 @@ def _replay(path: str, leaves: list[Tensor], *, copy: bool):
 
 def carry_to_input(pairs: list[tuple[Tensor, Tensor | None]], x: Tensor) -> Tensor | None:
     """Σ over stubbed outputs of (∂ output / ∂ x)ᵀ · gradient, through the retained trained
-    graph (which stays retained for the next stage); None when no gradient reached a leaf."""
-    used = [(recorded, g) for recorded, g in pairs if g is not None]
+    graph (which stays retained for the next stage); None when no gradient reached a leaf,
+    or no stubbed output depends on the input (a model that ignores it: zero maps)."""
+    used = [(recorded, g) for recorded, g in pairs if g is not None and recorded.requires_grad]
     if not used:
         return None
     (grad,) = torch.autograd.grad([r for r, _ in used], [x], [g for _, g in used],

@@ -12,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,13 @@ def test_missing_or_empty_image_folders_exit_2(tmp_path: Path, setup: str,
                                                  "its last convolutions are")),
     ("runtime.device=cuda", ("runtime.device: CUDA requested but not available",)),
     ("runtime.device=tpu", ("runtime.device: 'tpu' is not a device",)),
+    *[(f"runtime.device={name}", (f"runtime.device: {name!r} is not supported",
+                                  "use auto, cpu, cuda or cuda:N with N < "
+                                  "torch.cuda.device_count()"))
+      for name in ("mps", "xpu", "meta")],
+    ("runtime.seed=-5", ("runtime.seed:", "greater than or equal to 0")),
+    ("images.size=100000", ("images.size: 100000 px is too large: at most 4096",
+                            "give a smaller size")),
     ("model={name: resnt18}", ("model.name: unknown torchvision model 'resnt18'",
                                "did you mean 'resnet18'?")),
 ])
@@ -210,6 +218,16 @@ def test_config_mistakes_name_the_field_and_the_fix(tmp_path: Path, corpus: Path
     path = _config(tmp_path)
     _one_line_error(runner.invoke(app, ["validate", str(path), "--set", override]),
                     "config.yaml", *fragments)
+
+
+def test_a_gpu_index_beyond_the_machines_gpus_exits_2(tmp_path: Path, corpus: Path,
+                                                     monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a two-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = runner.invoke(app, ["validate", str(_config(tmp_path)), "--set",
+                                 "runtime.device=cuda:7"])
+    _one_line_error(result, "config.yaml: runtime.device: 'cuda:7' names GPU 7, but this "
+                    "machine has 2 (cuda:0 to cuda:1)", "use auto, cpu, cuda or cuda:N")
 
 
 def test_yaml_syntax_errors_give_the_line(tmp_path: Path) -> None:
@@ -235,17 +253,28 @@ def _model_config(tmp_path: Path, weights: str) -> Path:
     return _config(tmp_path, model={"name": "resnet18", "num_classes": 4, "weights": weights})
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path,
                                                                   corpus: Path) -> None:
+    import torchvision
+
     marker = tmp_path / "pwned"
     with (tmp_path / "evil.pt").open("wb") as fh:
         pickle.dump({"state_dict": Payload(str(marker))}, fh)
     torch.save({"state_dict": Payload(str(marker))}, tmp_path / "evil_zip.pt")
-    for name in ("evil.pt", "evil_zip.pt"):
-        result = runner.invoke(app, ["validate", str(_model_config(tmp_path, name))])
-        _one_line_error(result, f"model.weights: cannot load checkpoint {tmp_path / name}",
-                        "weights_only=True")
+    torch.save(torchvision.models.resnet18(num_classes=4), tmp_path / "whole.pt")
+    for name, what in (("evil.pt", "a raw Python pickle"),
+                       ("evil_zip.pt", "pickled Python objects (getattr"),
+                       ("whole.pt", "pickled Python objects (torchvision.models.resnet.ResNet, "
+                                    "as torch.save(model) writes)")):
+        with warnings.catch_warnings(record=True) as caught:  # torch's warnings: no noise
+            warnings.simplefilter("always")
+            result = runner.invoke(app, ["validate", str(_model_config(tmp_path, name))])
+        _one_line_error(result, f"model.weights: {tmp_path / name} is not a plain state_dict "
+                        f"but {what}", "loading it would run code, which weights_only=True "
+                        "loading refuses", "from trusted code, re-save it with "
+                        "torch.save(model.state_dict(), path)")
+        assert "\x1b" not in result.output  # torch's own message has terminal colour codes
+        assert not [w for w in caught if "pickle protocol" in str(w.message)], name
         assert not marker.exists()  # the payload did not run
 
 
@@ -254,19 +283,61 @@ def test_checkpoints_of_the_wrong_model_name_the_mismatch(tmp_path: Path, corpus
 
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pt")
     _one_line_error(runner.invoke(app, ["validate", str(_model_config(tmp_path, "ten.pt"))]),
-                    "ten.pt does not match the model: size mismatch for fc.weight",
+                    "ten.pt does not match the model: size mismatch for fc.weight (checkpoint "
+                    "[10, 512], model [4, 512]), fc.bias (checkpoint [10], model [4])",
                     "check model.name and model.num_classes")
     torch.save(torchvision.models.mobilenet_v2(num_classes=4).state_dict(),
                tmp_path / "other.pt")
     _one_line_error(runner.invoke(app, ["validate", str(_model_config(tmp_path, "other.pt"))]),
-                    "other.pt does not match the model:", "missing (e.g. conv1.weight)",
-                    "unexpected (e.g. features.0.0.weight)")
+                    "other.pt does not match the model: 102 missing keys (first: conv1.weight, "
+                    "bn1.weight, bn1.bias, bn1.running_mean, ...)",
+                    "314 unexpected keys (first: features.0.0.weight, features.0.1.weight, "
+                    "features.0.1.bias, features.0.1.running_mean, ...)")
     good = io.BytesIO()
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), good)
-    (tmp_path / "truncated.pt").write_bytes(good.getvalue()[:5000])
-    _one_line_error(runner.invoke(app, ["validate",
-                                        str(_model_config(tmp_path, "truncated.pt"))]),
-                    "model.weights: cannot load checkpoint", "truncated.pt")
+    for length in (5000, len(good.getvalue()) // 2):
+        (tmp_path / "truncated.pt").write_bytes(good.getvalue()[:length])
+        _one_line_error(runner.invoke(app, ["validate",
+                                            str(_model_config(tmp_path, "truncated.pt"))]),
+                        f"model.weights: {tmp_path / 'truncated.pt'} is truncated or corrupt",
+                        "re-save it with torch.save(model.state_dict(), path), or download or "
+                        "copy it again")
+
+
+def test_an_empty_checkpoint_is_named_not_an_internal_error(tmp_path: Path,
+                                                            corpus: Path) -> None:
+    (tmp_path / "zero.pt").write_bytes(b"")
+    _one_line_error(runner.invoke(app, ["validate", str(_model_config(tmp_path, "zero.pt"))]),
+                    f"config.yaml: model.weights: {tmp_path / 'zero.pt'} is empty (0 bytes)",
+                    "re-save it with torch.save(model.state_dict(), path)")
+
+
+def _label_config(tmp_path: Path, checkpoint: str) -> Path:
+    return _config(tmp_path, tests={"cascading": {"enabled": False},
+                                    "label_randomization": {"checkpoint": checkpoint}})
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_label_randomization_checkpoints_are_loaded_by_validate_and_named_with_the_file(
+        tmp_path: Path, corpus: Path, command: str) -> None:
+    from tests.test_cli import tiny_cnn
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Payload(str(marker))}, tmp_path / "evil.pt")
+    (tmp_path / "zero.pt").write_bytes(b"")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "wrong.pt")
+    where = "config.yaml: tests.label_randomization.checkpoint:"
+    for name, problem in (("zero.pt", "is empty (0 bytes)"),
+                          ("evil.pt", "is not a plain state_dict"),
+                          ("wrong.pt", "does not match the model: 12 missing keys (first: "
+                                       "0.weight, 0.bias, 2.weight, 2.bias, ...); 2 unexpected "
+                                       "keys (first: weight, bias)")):
+        result = runner.invoke(app, [command, str(_label_config(tmp_path, name))])
+        _one_line_error(result, f"{where} {tmp_path / name} {problem}")
+        assert not marker.exists()
+    torch.save(tiny_cnn().state_dict(), tmp_path / "good.pt")
+    result = runner.invoke(app, [command, str(_label_config(tmp_path, "good.pt"))])
+    assert result.exit_code == 0, result.output
 
 
 # --- numerics -----------------------------------------------------------------------------
@@ -370,7 +441,7 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_error_log(
     assert f"the traceback is in {log}" in " ".join(result.stderr.split())
     assert "Traceback" in log.read_text() and "test_hardening.py" in log.read_text()
     debug = _cli("--debug", "run", str(path), cwd=tmp_path)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr  # Python's own report
+    assert debug.returncode == 3 and "Traceback" in debug.stderr  # still an internal error
 
 
 def test_a_full_disk_exits_2_and_presents_no_report(tmp_path: Path, corpus: Path,
@@ -383,7 +454,8 @@ def test_a_full_disk_exits_2_and_presents_no_report(tmp_path: Path, corpus: Path
     monkeypatch.setattr(ResultStore, "save", full)
     result = runner.invoke(app, ["run", str(_config(tmp_path))])
     _one_line_error(result, "cannot write", "No space left on device",
-                    "set output.dir (or -o) to a writable folder", "No report was written")
+                    "set output.dir (or -o) to a writable folder",
+                    "holds no complete report (run.json, written last, is absent)")
     assert not (tmp_path / "out" / "report.csv").exists()
 
 
@@ -409,10 +481,19 @@ def test_skipped_csv_and_provenance_in_run_json(tmp_path: Path, corpus: Path) ->
     assert info["seeds"]["randomization_repeats"] == [5, 1005]
     assert len(info["config_sha256"]) == 64
     assert torch.__version__.startswith(info["versions"]["torch"])
-    again = runner.invoke(app, ["run", str(path), "--set", "output.figures=false"])
+    again = runner.invoke(app, ["run", str(path), "--set", "output.figures=false",
+                                "-o", str(tmp_path / "elsewhere")])
     assert again.exit_code == 0
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["config_sha256"] == \
-        info["config_sha256"]  # the same settings: the same hash
+    moved = json.loads((tmp_path / "elsewhere" / "run.json").read_text())
+    assert moved["config_sha256"] == info["config_sha256"]  # the same settings, elsewhere
+    assert len(info["model_sha256"]) == 64 and moved["model_sha256"] == info["model_sha256"]
+    other = torchvision.models.resnet18(num_classes=4)
+    torch.save(other.state_dict(), tmp_path / "w.pt")  # other random weights, same file name
+    third = runner.invoke(app, ["run", str(path), "-o", str(tmp_path / "third")])
+    assert third.exit_code == 0
+    changed = json.loads((tmp_path / "third" / "run.json").read_text())
+    assert changed["model_sha256"] != info["model_sha256"]
+    assert changed["config_sha256"] == info["config_sha256"]
 
 
 def test_a_reused_output_folder_keeps_nothing_of_the_earlier_run(tmp_path: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from xml.etree import ElementTree
@@ -195,6 +196,10 @@ def test_cli_runs_the_test_on_an_image_folder_and_writes_its_outputs(folder_proj
     assert info["recipe"]["seed"] == 0
     cached = sorted(p.name for p in (out / "label_randomization").glob("*.pt"))
     assert len(cached) == 2
+    hashes = json.loads((out / "run.json").read_text())["checkpoints_sha256"]
+    assert {Path(path).name: digest for path, digest in hashes.items()} == {
+        name: hashlib.sha256((out / "label_randomization" / name).read_bytes()).hexdigest()
+        for name in cached}
     again = runner.invoke(app, ["run", str(folder_project / "config.yaml")])
     assert again.exit_code == 0, again.output
     info = json.loads((out / "run.json").read_text())["label_randomization"]

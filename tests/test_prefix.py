@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import csv
 from itertools import chain
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +255,31 @@ def test_chunk_size_accepts_auto_or_a_positive_count() -> None:
     for bad in (0, "big"):
         with pytest.raises((ValueError, ConfigError)):
             RuntimeConfig(chunk_size=bad)
+
+
+class IgnoresItsInput(nn.Module):
+    """Logits from a constant (the convolution runs but is multiplied by 0): every gradient
+    map is all zero, and the stubbed prefix outputs carry no gradient to the input."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.ones(x.shape[0], 4)) + 0 * self.conv(x).sum()
+
+
+def test_a_model_that_ignores_its_input_gives_undefined_scores_not_a_crash(
+        tmp_path: Path) -> None:
+    from tests.test_batch import run_cli, write_project
+
+    config = write_project(tmp_path, images=2, model={"factory":
+                                                      "tests.test_prefix:IgnoresItsInput"},
+                           tests={"random_logit": {"enabled": False},
+                                  "cascading": {"enabled": True}})
+    result = run_cli("run", config)  # runtime.prefix_cache is on by default
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "out" / "report.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["metric"] == "spearman_abs"]
+    assert rows and all(r["value"] == "nan" and "constant map" in r["note"] for r in rows)

@@ -428,6 +428,9 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                                   "images.size or another device") from None
             torch.cuda.empty_cache()
             size.rows, size.halvings = max(1, rows // 2), size.halvings + 1
+            warnings.warn(f"out of device memory in a pass of {rows} rows; retrying in passes "
+                          f"of {size.rows} (a smaller runtime.chunk_size or "
+                          "runtime.device_memory_gib starts there)", stacklevel=2)
             for half in _split(pieces, size.rows):
                 run_with_retry(half, reached[0])
 

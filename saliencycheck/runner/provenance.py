@@ -7,7 +7,11 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from saliencycheck.runner.executor import REPEAT_SEED_STEP, floor_seeds
+from saliencycheck.runner.manifest import PLACEMENT
 from saliencycheck.runner.setup import RunSetup
 
 PACKAGES = ("saliencycheck", "torch", "torchvision", "numpy", "scikit-image", "pydantic", "ray")
@@ -32,10 +36,24 @@ def file_sha256(path: Path) -> str:
 
 
 def config_sha256(setup: RunSetup) -> str:
-    """SHA-256 of the resolved config (defaults and preset applied, keys sorted): equal
-    hashes mean the same settings, whatever the YAML's layout or comments."""
-    text = json.dumps(setup.config.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 of the resolved config (defaults and preset applied, keys sorted) without
+    where it ran (backend, device, Ray resources, output folder): equal hashes mean the same
+    settings, whatever the YAML's layout or comments."""
+    config = setup.config.model_dump(mode="json")
+    for section, keys in PLACEMENT.items():
+        config[section] = {k: v for k, v in config[section].items() if k not in keys}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def model_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, values): the
+    weights the run explained, however they came (torchvision weights, checkpoint, factory)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def seeds(setup: RunSetup) -> dict[str, object]:
@@ -53,12 +71,14 @@ def seeds(setup: RunSetup) -> dict[str, object]:
     }
 
 
-def checkpoint_hashes(setup: RunSetup) -> dict[str, str]:
-    """SHA-256 of every checkpoint file the config names (model weights, label models)."""
+def checkpoint_hashes(setup: RunSetup, label_randomization: dict | None) -> dict[str, str]:
+    """SHA-256 of every checkpoint file the config names (model weights, label models) and
+    of the label randomization models the run trained or took from its cache."""
     config = setup.config
     named = [config.model.weights]
     if config.tests.label_randomization is not None:
         section = config.tests.label_randomization
         named += [section.checkpoint, section.control_checkpoint]
     paths = [setup.resolve(name) for name in named if name]
+    paths += [Path(m["source"]) for m in (label_randomization or {}).get("models", [])]
     return {str(path): file_sha256(path) for path in paths if path.is_file()}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
 from saliencycheck.errors import StoreError
@@ -45,6 +46,7 @@ from saliencycheck.runner.plan import WorkUnit, plan_units
 from saliencycheck.runner.provenance import (
     checkpoint_hashes,
     config_sha256,
+    model_sha256,
     package_versions,
     seeds,
 )
@@ -75,6 +77,8 @@ TITLES = {"cascading": "cascading randomization", "independent": "independent ra
           INVARIANCE_TEST: "input invariance (shifted input, first layer compensating)",
           SMOOTH_TEST: "smooth MPRT (maps averaged over noisy copies)",
           ENTROPY_TEST: "efficient MPRT (relative rise of histogram entropy)"}
+RUN_JSON = "run.json"  # written last: present only beside whole report files (units_done: how
+# much of the run they cover)
 BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
 
 
@@ -168,6 +172,7 @@ def open_store(setup: RunSetup, units: list[WorkUnit], *, keep: bool, fix: str) 
     """The output folder's store, holding this run's plan: emptied, or (``keep``) checked to
     hold units of the same plan; ``fix`` tells the user what to do when it does not."""
     store = ResultStore(setup.output_dir)
+    (setup.output_dir / RUN_JSON).unlink(missing_ok=True)  # the units are about to change
     plan = manifest(setup, units)
     stored = store.read_plan() if keep else None
     if stored is not None:
@@ -240,6 +245,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
     started = time.perf_counter()
     out = setup.output_dir
+    # run.json is written last: while it is absent the folder holds no complete report, so
+    # a failure part way (a full disk) cannot leave an earlier run's report passing for this
+    (out / RUN_JSON).unlink(missing_ok=True)
     stored = store.load()
     context = store.context()
     fidelity = context.get("fidelity") or {}
@@ -277,7 +285,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
             verdict_heatmap(out / "figures" / "verdicts.png", verdicts,
                             level=setup.config.runtime.ci_level)
     timings = {**timings, "report_s": time.perf_counter() - started}
-    write_run_json(setup, out / "run.json", timings=timings, units_done=len(stored.unit_ids),
+    write_run_json(setup, out / RUN_JSON, timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
                    label_randomization=label_randomization, input_invariance=invariance)
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
@@ -341,7 +349,8 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "config_sha256": config_sha256(setup),
         "versions": package_versions(),
         "seeds": seeds(setup),
-        "checkpoints_sha256": checkpoint_hashes(setup),
+        "checkpoints_sha256": checkpoint_hashes(setup, label_randomization),
+        "model_sha256": model_sha256(setup.model),
         "python": platform.python_version(),
         "device": str(setup.device),
         "device_name": (torch.cuda.get_device_name(setup.device)
@@ -368,7 +377,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "units_total": units_total,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    path.write_text(json.dumps(info, indent=2, default=_json_default), encoding="utf-8")
+    atomic_write_text(path, json.dumps(info, indent=2, default=_json_default))
 
 
 def _json_default(value: object) -> object:

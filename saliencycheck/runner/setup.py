@@ -7,6 +7,7 @@ the images load and every method's parameters are valid.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from saliencycheck.models import (
     IMAGENET_STD,
     Preprocessing,
     build_model,
+    first_line,
     get_submodule,
+    load_checkpoint,
     resolve_device,
 )
 from saliencycheck.postprocess import PostprocessOptions
@@ -239,17 +242,21 @@ def unreadable_images(setup: RunSetup) -> list[SkippedImage]:
     return skipped
 
 
-def check_label_sources(loaded: LoadedConfig) -> None:
-    """The label randomization test's checkpoints or data folder exist (read at run time)."""
+def check_label_sources(loaded: LoadedConfig, model: nn.Module) -> None:
+    """The label randomization test's checkpoints load into (a copy of) the model under test
+    as a run will load them, or its data folder exists (read at run time)."""
     section = loaded.config.tests.label_randomization
     if section is None:
         return
     where = "tests.label_randomization"
     for field in ("checkpoint", "control_checkpoint"):
         raw = getattr(section, field)
-        if raw is not None and not loaded.resolve(raw).is_file():
-            raise ConfigError(f"{where}.{field}: checkpoint file not found: "
-                              f"{loaded.resolve(raw)}")
+        if raw is None:
+            continue
+        path = loaded.resolve(raw)
+        if not path.is_file():
+            raise ConfigError(f"{where}.{field}: checkpoint file not found: {path}")
+        load_checkpoint(copy.deepcopy(model), path, field=f"{where}.{field}")
     if section.train is not None and section.train.data != "digits" \
             and not loaded.resolve(section.train.data).is_dir():
         raise ConfigError(f"{where}.train.data: {loaded.resolve(section.train.data)} is not a "
@@ -264,6 +271,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     built = build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
+    check_label_sources(loaded, model)  # on the CPU, before the model moves to the device
     pre = resolve_preprocessing(config, built.preprocessing)
 
     root = loaded.resolve(config.images.path)
@@ -291,7 +299,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     except RuntimeError as exc:
         raise SaliencyCheckError(
             f"model: forward pass failed on a {pre.size}x{pre.size} image "
-            f"({str(exc).splitlines()[0][:160]}); check images.size and the model"
+            f"({first_line(exc)[:160]}); check images.size and the model"
         ) from None
     if not logits.isfinite().all():
         raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
@@ -326,7 +334,6 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     chunk_size = config.runtime.chunk_size
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(model, example, memory_budget)
-    check_label_sources(loaded)
     floor_stage = None
     if config.baselines.random_floor:
         every = find_blocks(model, example, granularity="layer")

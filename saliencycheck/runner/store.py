@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from saliencycheck.atomic import TMP_SUFFIX, atomic_write, atomic_write_text
+from saliencycheck.errors import ConfigError
 
 ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
               "metric", "value", "note", "repeat")
@@ -73,6 +75,24 @@ class UnitResult:
 PLAN = "plan.json"
 CONTEXT = "context.json"
 SHARD_MARKER = "shards-"
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Create ``folder`` and write (then remove) a file in it, before any work: an output
+    folder that is a file, read-only, or on a file system that refuses it fails in one line
+    here, not after the model has loaded. ``field`` names the setting to change."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{field}: {folder} is a file, not a folder; set {field} (or -o) "
+                          "to a folder")
+    probe = folder / f".write-probe-{uuid.uuid4().hex}{TMP_SUFFIX}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot write to {folder} "
+                          f"({exc.strerror or type(exc).__name__}); set {field} (or -o) to a "
+                          "writable folder") from None
 
 
 class ResultStore:
