@@ -139,8 +139,14 @@ def run(config: ConfigArg, overrides: SetOption = None,
 
 
 def _log_errors_in(folder: Path) -> None:
+    """Write an internal error's traceback to ``folder``/error.log, removing an earlier
+    run's log so it never passes for this one's."""
     global _error_log_dir
     _error_log_dir = folder
+    try:
+        (folder / "error.log").unlink(missing_ok=True)
+    except OSError:  # an unwritable folder is reported where it is written to
+        pass
 
 
 def _output_failure(exc: OSError) -> typer.Exit:

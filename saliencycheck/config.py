@@ -169,8 +169,8 @@ class TrainRecipe(Section):
     control: bool = Field(
         True, description="Also train a true-label control with the same recipe, data and init."
     )
-    seed: int = Field(0, description="Seeds the initialisation, the label permutation and the "
-                      "batch order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds the initialisation, the label "
+                      "permutation and the batch order; 0 to 2**32 - 1.")
 
 
 class LabelRandomizationConfig(Section):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +27,8 @@ from torch import nn
 from saliencycheck.atomic import atomic_write, atomic_write_text
 from saliencycheck.config import LabelRandomizationConfig, TrainRecipe
 from saliencycheck.data import ImageRef, load_images
-from saliencycheck.errors import ConfigError, DataError
-from saliencycheck.models import Preprocessing, load_checkpoint
+from saliencycheck.errors import ConfigError, DataError, ModelError
+from saliencycheck.models import Preprocessing, first_line, load_checkpoint
 from saliencycheck.randomization import find_blocks, reinitialize_
 from saliencycheck.zoo import DIGITS_TRAIN_COUNT, accuracy, digits_pixels, train_classifier
 
@@ -215,9 +216,14 @@ def _cached_or_trained(model: nn.Module, example: torch.Tensor, data: TrainingDa
     meta = path.with_suffix(".json")
     trained = fresh_model(model, example, recipe.seed)
     if path.is_file() and meta.is_file() and not retrain:
-        load_checkpoint(trained, path, field="tests.label_randomization.train (cached model)")
-        report = ModelReport(**{**json.loads(meta.read_text(encoding="utf-8")), "cached": True})
-        return trained.eval().requires_grad_(False), report
+        try:
+            load_checkpoint(trained, path, field="label randomization cache")
+            report = ModelReport(**{**json.loads(meta.read_text(encoding="utf-8")),
+                                    "cached": True})
+            return trained.eval().requires_grad_(False), report
+        except (ModelError, ValueError, TypeError) as exc:  # our own cache: train it again
+            warnings.warn(f"{first_line(exc)}; training the {role} model again", stacklevel=2)
+            trained = fresh_model(model, example, recipe.seed)
     epochs = train(trained, data.inputs, labels, recipe, role=role, progress=progress)
     trained.eval().requires_grad_(False)
     report = ModelReport(role=role, source=str(path), cached=False, epochs=epochs,

@@ -165,7 +165,8 @@ def test_no_usable_image_exits_2(tmp_path: Path) -> None:
     (folder / "a.png").write_bytes(b"")
     (folder / "b.jpg").write_text("not an image")
     _one_line_error(runner.invoke(app, ["run", str(_config(tmp_path))]),
-                    "none of the 2 images could be read", "images.path")
+                    "none of the 2 images could be read", "a.png: empty file (0 bytes))",
+                    "images.path")
 
 
 @pytest.mark.parametrize(("setup", "fragments"), [
@@ -442,6 +443,9 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_error_log(
     assert "Traceback" in log.read_text() and "test_hardening.py" in log.read_text()
     debug = _cli("--debug", "run", str(path), cwd=tmp_path)
     assert debug.returncode == 3 and "Traceback" in debug.stderr  # still an internal error
+    fixed = runner.invoke(app, ["run", str(path), "--set", "model.factory=tests.test_cli:tiny_cnn"])
+    assert fixed.exit_code == 0, fixed.output
+    assert not log.exists(), "an earlier run's error.log must not pass for this one's"
 
 
 def test_a_full_disk_exits_2_and_presents_no_report(tmp_path: Path, corpus: Path,

@@ -100,6 +100,26 @@ def test_a_second_run_reuses_the_cached_models_and_retrain_trains_again(
     assert calls == [RANDOM_LABELS, CONTROL]
 
 
+def test_a_corrupt_cached_model_is_trained_again_with_a_warning(
+        digits_model, digits_label_models, monkeypatch, tmp_path: Path) -> None:
+    import shutil
+
+    _, cache, example = digits_label_models
+    copied = tmp_path / "cache"
+    shutil.copytree(cache, copied)
+    for broken in copied.glob(f"{RANDOM_LABELS}-*.pt"):  # (other recipes' entries too)
+        broken.write_bytes(broken.read_bytes()[:100])  # truncated, e.g. by a full disk
+    calls = []
+    monkeypatch.setattr(label_training, "train", lambda *a, **k: calls.append(k["role"]) or 1)
+    with pytest.warns(UserWarning, match=r"label randomization cache: .* is truncated or "
+                                         r"corrupt.*; training the random_labels model again"):
+        models = obtain_label_models(digits_model, example,
+                                     LabelRandomizationConfig(train=RECIPE), pre=DIGITS_PRE,
+                                     resolve=Path, cache=copied)
+    assert calls == [RANDOM_LABELS]  # the control's cache entry was fine
+    assert [r.cached for r in models.reports] == [False, True]
+
+
 def _mean_spearman_abs(model_a: nn.Module, model_b: nn.Module, method: str,
                        inputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean over images of SciPy's Spearman of the absolute maps of two models."""

@@ -224,13 +224,17 @@ def first_readable(images: list[ImageRef], pre: Preprocessing, count: int = 1
                    ) -> list[ImageRecord]:
     """The first `count` images that load (at least one: the run's example input)."""
     found: list[ImageRecord] = []
+    first_skipped: list[SkippedImage] = []
     for ref in images:
         if len(found) >= max(count, 1):
             break
-        found += load_images([ref], pre)[0]
+        loaded, skipped = load_images([ref], pre)
+        found += loaded
+        first_skipped = first_skipped or skipped
     if not found:
+        why = f": {first_skipped[0].reason}" if first_skipped else ""
         raise DataError(f"images.path: none of the {len(images)} images could be read "
-                        f"(first: {images[0].path}); check the files and images.path")
+                        f"(first: {images[0].path}{why}); check the files and images.path")
     return found
 
 
