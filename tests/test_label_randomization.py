@@ -194,7 +194,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_cli_runs_the_test_on_an_image_folder_and_writes_its_outputs(folder_project) -> None:
-    result = runner.invoke(app, ["run", str(folder_project / "config.yaml")])
+    result = runner.invoke(app, ["run", str(folder_project / "config.yaml"), "--set",
+                                 "thresholds={label_randomization: {metric: ssim, "
+                                 "max_above_floor: 0.05}}", "--set", "fail_on=none"])
     assert result.exit_code == 0, result.output
     assert "label randomization: valid" in result.output
     assert "Δ: above the random-network floor" in " ".join(result.output.split())
@@ -203,6 +205,17 @@ def test_cli_runs_the_test_on_an_image_folder_and_writes_its_outputs(folder_proj
                     and r["stage"] == RANDOM_LABELS and r["method"] == "gradient"
                     and r["metric"] == "ssim")
     assert f"Δ{float(gradient['above_floor']):+.2f}" in result.output
+    # max_above_floor end to end: the upper bound judged against that method's own floor
+    floors = {(r["method"], r["metric"]): float(r["mean"]) for r in _rows(out / "summary.csv")
+              if r["test"] == "random_floor"}
+    verdicts = {r["method"]: r for r in _rows(out / "verdicts.csv")}
+    assert set(verdicts) == {"gradient", "guided_backprop"}
+    for method, verdict in verdicts.items():
+        floor = floors[(method, "ssim")]
+        assert float(verdict["floor"]) == pytest.approx(floor)
+        assert float(verdict["max"]) == pytest.approx(floor + 0.05)
+        passed = float(verdict["ci_high"]) <= floor + 0.05
+        assert verdict["verdict"] == ("PASS" if passed else "FAIL"), verdict
     rows = [r for r in _rows(out / "report.csv") if r["test"] == "label_randomization"]
     assert {(r["stage_index"], r["stage"]) for r in rows} == {
         ("0", "trained"), ("1", RANDOM_LABELS), ("2", CONTROL)}
