@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from saliencycheck.cli import app
 from saliencycheck.data import MIN_SIDE, UnreadableImage, read_rgb
+from tests.test_cli import tiny_cnn
 
 runner = CliRunner()
 RNG = np.random.default_rng(0)
@@ -407,6 +408,47 @@ def test_a_stage_that_leaves_the_logits_unchanged_is_flagged(tmp_path: Path,
         stages = {r["stage"]: r for r in csv.DictReader(fh)}
     # bottom-up, the head runs first: adding conv to the cascade moves nothing further
     assert stages["conv"]["logit_relative_l2"] == stages["head"]["logit_relative_l2"]
+
+
+class OutOfMemoryAboveTwoRows(torch.nn.Sequential):
+    """`tiny_cnn` (the same modules under the same names, so the same randomized stages),
+    raising a simulated CUDA out-of-memory error on any pass of > 2 rows."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__(*tiny_cnn(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(x)
+
+
+def test_out_of_memory_through_the_cli_halves_the_passes_and_keeps_the_scores(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png")
+    changes = {"methods": ["gradient", {"name": "integrated_gradients", "steps": 4}],
+               "runtime": {"device": "cpu", "bootstrap": 100, "batch_size": 2}}
+    plain = _config(tmp_path, **changes)
+    assert runner.invoke(app, ["run", str(plain), "-o", str(tmp_path / "plain")]).exit_code == 0
+    result = runner.invoke(app, ["run", str(plain), "-o", str(tmp_path / "oom"), "--set",
+                                 "model.factory=tests.test_hardening:OutOfMemoryAboveTwoRows"])
+    assert result.exit_code == 0, result.output
+    assert "warning: out of device memory in a pass of 10 rows; retrying in passes of 5" in \
+        " ".join(result.output.split())
+
+    def scores(name: str) -> list[tuple[str, float]]:
+        with (tmp_path / name / "report.csv").open(newline="") as fh:
+            return [(f"{r['image']}|{r['method']}|{r['stage']}|{r['metric']}", float(r["value"]))
+                    for r in csv.DictReader(fh)]
+
+    expected, got = scores("plain"), scores("oom")
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], atol=1e-6)
 
 
 # --- exit codes, the error log, outputs ------------------------------------------------------
