@@ -110,7 +110,8 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(batch) -> None:
         torch.testing.assert_close(got[label], maps, rtol=1e-10, atol=1e-12)
     smooth = resolve_method({"name": "smoothgrad", "samples": 4})  # 12 rows > 5
     plan = smooth.spec.plan(limited, RowSource.of(inputs, targets), context, **dict(smooth.params))
-    size = run_requests(limited, plan.requests, AttributionContext(chunk_size=64))
+    with pytest.warns(UserWarning, match="out of device memory"):
+        size = run_requests(limited, plan.requests, AttributionContext(chunk_size=64))
     assert size.rows <= 5 and size.halvings >= 1
 
 

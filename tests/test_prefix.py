@@ -227,7 +227,9 @@ def test_out_of_memory_in_a_later_stage_recomputes_only_what_is_missing() -> Non
                          model=wrapped, test="cascading")[:4]
     wrapped.calls = 0
     FAILURES.clear()
-    _, got = staged_maps(wrapped, stages, inputs, targets, prefix=True, layer="model.layer4")
+    with pytest.warns(UserWarning, match="out of device memory in a pass of 20 rows"):
+        _, got = staged_maps(wrapped, stages, inputs, targets, prefix=True,
+                             layer="model.layer4")
     assert FAILURES == [20]  # 4 images + 8 integration points + 8 noisy copies, in one pass
     wrapped.fail_at = -1
     _, expected = staged_maps(wrapped, stages, inputs, targets, prefix=True,
