@@ -229,7 +229,7 @@ def test_a_pool_of_worker_processes_gives_the_same_report(tmp_path: Path, refere
     assert report(tmp_path / "out") == report(reference)
 
 
-def test_a_worker_process_that_dies_is_one_line_exit_3(tmp_path: Path,
+def test_a_worker_process_that_dies_loses_only_its_unit(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     config = write_project(tmp_path, images=3, model={"factory": "tests.test_ray:dying_cnn"},
                            runtime={"batch_size": 2})
@@ -237,8 +237,12 @@ def test_a_worker_process_that_dies_is_one_line_exit_3(tmp_path: Path,
     result = run_cli("run", config)
     assert result.exit_code == 3, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: the worker on cpu exited with code 1; the units that "
-                           "finished are stored: rerun with --resume"), line
+    assert line.startswith("error: 1 of 2 units did not finish: the worker on cpu exited "
+                           "with code 1; the units that finished are stored: rerun with "
+                           "--resume"), line
+    # the other worker went on: its unit is stored
+    units = tmp_path / "out" / "units"
+    assert sorted(p.name for p in units.glob("unit-*.json")) == ["unit-00001.json"]
 
 
 def test_worker_devices_use_every_gpu_unless_one_is_pinned() -> None:

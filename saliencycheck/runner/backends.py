@@ -91,30 +91,51 @@ class ProcessPool:
                                            daemon=True))
             workers[-1].start()
         try:
-            for done in range(1, len(units) + 1):
-                device, outcome = self._next(results, workers)
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                save(outcome)
-                progress(self.setup.steps_per_unit,
-                         f"{outcome.unit_id} done on {device} ({done}/{len(units)})")
+            self._collect(results, workers, units, save, progress)
         finally:
             for worker in workers:
                 if worker.is_alive():
                     worker.terminate()
                 worker.join()
 
-    def _next(self, results, workers) -> tuple[str, UnitResult | BaseException]:  # noqa: ANN001
-        """The next finished unit; raise when a worker died without reporting."""
+    def _collect(self, results, workers, units: list[WorkUnit], save: Save,  # noqa: ANN001
+                 progress: UnitProgress) -> None:
+        """Store every result as it comes. A worker that fails (an error) or dies (its unit
+        in flight is lost) leaves the rest to the others; once every worker has exited, the
+        first failure is raised, so nothing another worker finished is lost."""
+        done, failure = 0, None
+        for device, outcome in self._outcomes(results, workers):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            save(outcome)
+            done += 1
+            progress(self.setup.steps_per_unit,
+                     f"{outcome.unit_id} done on {device} ({done}/{len(units)})")
+            if done == len(units):
+                return
+        if failure is not None:
+            raise failure
+        died = ", ".join(f"the worker on {device} exited with code {worker.exitcode}"
+                         for device, worker in zip(self.devices, workers)
+                         if worker.exitcode not in (None, 0)) or "the workers stopped"
+        raise WorkerError(f"{len(units) - done} of {len(units)} units did not finish: {died}; "
+                          "the units that finished are stored: rerun with --resume to run "
+                          "the rest")
+
+    def _outcomes(self, results, workers):  # noqa: ANN001, ANN202
+        """(device, result or error) as they arrive, until every worker has exited and what
+        they sent has been read."""
         while True:
             try:
-                return results.get(timeout=self.poll_s)
+                yield results.get(timeout=self.poll_s)
             except queue.Empty:
-                for device, worker in zip(self.devices, workers):
-                    if worker.exitcode not in (None, 0):
-                        raise WorkerError(f"the worker on {device} exited with code "
-                                          f"{worker.exitcode}; the units that finished are "
-                                          "stored: rerun with --resume to run the rest") from None
+                if any(worker.exitcode is None for worker in workers):
+                    continue
+                try:  # all exited: what they sent before is in the pipe
+                    yield results.get(timeout=1.0)
+                except queue.Empty:
+                    return
 
 
 def _serve(spec: WorkerSpec, tasks, results) -> None:  # noqa: ANN001  (multiprocessing queues)
