@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from saliencycheck.config import load_config
-from saliencycheck.errors import SaliencyCheckError
+from saliencycheck.errors import SaliencyCheckError, first_line
 
 app = typer.Typer(
     help="Sanity checks for saliency maps (Adebayo et al. 2018) from one YAML config.",
@@ -504,7 +504,7 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(3)
         log = _write_error_log()
-        first = (str(exc).splitlines() or [""])[0][:200]
+        first = first_line(exc)[:200]
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)}; "
                           f"the traceback is in {log} (--debug shows it here); please report "
                           "it with that file", highlight=False, soft_wrap=True)

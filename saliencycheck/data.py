@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
-from saliencycheck.errors import DataError
+from saliencycheck.errors import DataError, first_line
 from saliencycheck.models import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -119,12 +119,11 @@ def read_rgb(path: Path) -> Image.Image | torch.Tensor:
     except UnidentifiedImageError:
         raise UnreadableImage("not an image PIL can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UnreadableImage(f"refused as a possible decompression bomb ({exc})".splitlines()[0]
+        raise UnreadableImage(f"refused as a possible decompression bomb ({first_line(exc)})"
                               ) from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
-        raise UnreadableImage(f"cannot decode it ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt data'})"
-                              ) from None
+        detail = first_line(exc) if str(exc).strip() else "corrupt data"
+        raise UnreadableImage(f"cannot decode it ({type(exc).__name__}: {detail})") from None
 
 
 def load_images(

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours some libraries put in messages
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message without terminal colour codes, or
+    the exception's type name when the message is empty (``EOFError()`` has none): what a
+    one-line error quotes of a library's exception."""
+    lines = [line.strip() for line in ANSI_CODES.sub("", str(exc)).splitlines()]
+    return next((line for line in lines if line), type(exc).__name__)
+
 
 class SaliencyCheckError(Exception):
     """Base class: a problem the user can fix, reported as one line, never a traceback."""

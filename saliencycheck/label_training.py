@@ -27,8 +27,8 @@ from torch import nn
 from saliencycheck.atomic import atomic_write, atomic_write_text
 from saliencycheck.config import LabelRandomizationConfig, TrainRecipe
 from saliencycheck.data import ImageRef, load_images
-from saliencycheck.errors import ConfigError, DataError, ModelError
-from saliencycheck.models import Preprocessing, first_line, load_checkpoint
+from saliencycheck.errors import ConfigError, DataError, ModelError, first_line
+from saliencycheck.models import Preprocessing, load_checkpoint
 from saliencycheck.randomization import find_blocks, reinitialize_
 from saliencycheck.zoo import DIGITS_TRAIN_COUNT, accuracy, digits_pixels, train_classifier
 

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from saliencycheck.config import ModelConfig
-from saliencycheck.errors import ConfigError, ModelError
+from saliencycheck.errors import ANSI_CODES, ConfigError, ModelError, first_line
 from saliencycheck.imports import import_callable
 from saliencycheck.suggest import did_you_mean
 
@@ -84,17 +84,9 @@ def _weights_preprocessing(weights: Any) -> Preprocessing | None:
 
 SAVE_STATE_DICT = "torch.save(model.state_dict(), path)"
 KEYS_SHOWN = 4  # mismatched keys listed per kind (missing, unexpected, size)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 _SIZE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
                    r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-blank line of an exception's message without terminal colour codes, or
-    the exception's type name when the message is empty (``EOFError()`` has none)."""
-    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines()]
-    return next((line for line in lines if line), type(exc).__name__)
 
 
 def extract_state_dict(checkpoint: Any, *, path: Path,
@@ -130,7 +122,7 @@ def _load_failure(exc: Exception, path: Path, field: str) -> ModelError:
     if isinstance(exc, PermissionError):
         return ModelError(f"{field}: cannot read checkpoint {path} (permission denied); make it "
                           "readable by this user")
-    text = _ANSI.sub("", str(exc))
+    text = ANSI_CODES.sub("", str(exc))
     if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
         found = _GLOBAL.search(text)
         if found or _is_raw_pickle(path):

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Mapping
 from types import ModuleType
 
-from saliencycheck.errors import ConfigError, SaliencyCheckError, WorkerError
+from saliencycheck.errors import ConfigError, SaliencyCheckError, WorkerError, first_line
 from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.backends import Save, UnitProgress
 from saliencycheck.runner.plan import WorkUnit
@@ -130,7 +130,7 @@ class RayBackend:
             ray.init(address=self.address, include_dashboard=False,
                      logging_level=logging.WARNING)
         except ConnectionError as exc:  # something listens (probed): most often a token
-            first = (str(exc).splitlines() or [""])[0][:200]
+            first = first_line(exc)[:200]
             token = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
                      "; a cluster started with token authentication (InvalidAuthToken in "
                      "Ray's log above) needs export RAY_AUTH_MODE=token")
@@ -188,7 +188,7 @@ def _failure(ray: ModuleType, unit: WorkUnit, exc: Exception, *, retries: int) -
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
     if isinstance(cause, SaliencyCheckError):
         return cause
-    first = (str(cause or exc).splitlines() or [""])[0][:200]
+    first = first_line(cause or exc)[:200]
     return WorkerError(f"{unit.id} failed on Ray after {retries} retries "
                        f"({type(cause or exc).__name__}: {first}); the units that finished "
                        "are stored: rerun with --resume to retry the rest (or raise "

@@ -20,7 +20,7 @@ import torch
 from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
-from saliencycheck.errors import StoreError
+from saliencycheck.errors import SaliencyCheckError, StoreError
 from saliencycheck.invariance import compensation_failure
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
@@ -216,10 +216,13 @@ def obtain_models(setup: RunSetup, *, retrain: bool,
     if section is None:
         return None
     example = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
-    return obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
-                               resolve=setup.resolve,
-                               cache=(setup.output_dir / LABEL_TEST).resolve(),
-                               retrain=retrain, progress=progress)
+    try:
+        return obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
+                                   resolve=setup.resolve,
+                                   cache=(setup.output_dir / LABEL_TEST).resolve(),
+                                   retrain=retrain, progress=progress)
+    except SaliencyCheckError as exc:  # its checkpoints are config fields: name the file
+        raise type(exc)(f"{setup.source.name}: {exc}") from None
 
 
 def precision_fidelity(setup: RunSetup) -> dict[str, float]:

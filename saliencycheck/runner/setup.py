@@ -24,7 +24,13 @@ from saliencycheck.data import (
     load_images,
     read_labels,
 )
-from saliencycheck.errors import ConfigError, DataError, ModelError, SaliencyCheckError
+from saliencycheck.errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    SaliencyCheckError,
+    first_line,
+)
 from saliencycheck.invariance import first_layer
 from saliencycheck.label_training import CONTROL, RANDOM_LABELS
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
@@ -34,7 +40,6 @@ from saliencycheck.models import (
     IMAGENET_STD,
     Preprocessing,
     build_model,
-    first_line,
     get_submodule,
     load_checkpoint,
     resolve_device,
@@ -51,6 +56,7 @@ ENTROPY_STAGE = "fully_randomized"
 INVARIANCE_TEST = "input_invariance"
 INVARIANCE_STAGE = "shifted_input"
 LABEL_TEST = "label_randomization"
+LABEL_CHECKPOINTS = ("checkpoint", "control_checkpoint")  # its fields naming ready models
 LOGIT_TEST = "random_logit"
 LOGIT_STAGE = "random_class"
 FLOOR_STAGE = "random_vs_random"
@@ -196,6 +202,7 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
         check_verdict_rules(setup)
         if probe_methods:
             probe(setup)
+            check_label_checkpoints(setup)
     except SaliencyCheckError as exc:
         raise type(exc)(f"{loaded.source.name}: {exc}") from None
     return setup
@@ -246,25 +253,32 @@ def unreadable_images(setup: RunSetup) -> list[SkippedImage]:
     return skipped
 
 
-def check_label_sources(loaded: LoadedConfig, model: nn.Module) -> None:
-    """The label randomization test's checkpoints load into (a copy of) the model under test
-    as a run will load them, or its data folder exists (read at run time)."""
+def check_label_sources(loaded: LoadedConfig) -> None:
+    """The label randomization test's checkpoints or data folder exist (read at run time)."""
     section = loaded.config.tests.label_randomization
     if section is None:
         return
     where = "tests.label_randomization"
-    for field in ("checkpoint", "control_checkpoint"):
+    for field in LABEL_CHECKPOINTS:
         raw = getattr(section, field)
-        if raw is None:
-            continue
-        path = loaded.resolve(raw)
-        if not path.is_file():
-            raise ConfigError(f"{where}.{field}: checkpoint file not found: {path}")
-        load_checkpoint(copy.deepcopy(model), path, field=f"{where}.{field}")
+        if raw is not None and not loaded.resolve(raw).is_file():
+            raise ConfigError(f"{where}.{field}: checkpoint file not found: "
+                              f"{loaded.resolve(raw)}")
     if section.train is not None and section.train.data != "digits" \
             and not loaded.resolve(section.train.data).is_dir():
         raise ConfigError(f"{where}.train.data: {loaded.resolve(section.train.data)} is not a "
                           "folder; give 'digits' or a folder with one sub-folder per class")
+
+
+def check_label_checkpoints(setup: RunSetup) -> None:
+    """For `validate`: the label randomization checkpoints load into a copy of the model as a
+    run will load them (a run loads them once, when it obtains the test's models)."""
+    section = setup.config.tests.label_randomization
+    for field in LABEL_CHECKPOINTS if section is not None else ():
+        raw = getattr(section, field)
+        if raw is not None:
+            load_checkpoint(copy.deepcopy(setup.model), setup.resolve(raw),
+                            field=f"tests.label_randomization.{field}")
 
 
 def _prepare(loaded: LoadedConfig) -> RunSetup:
@@ -275,7 +289,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     built = build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
-    check_label_sources(loaded, model)  # on the CPU, before the model moves to the device
+    check_label_sources(loaded)
     pre = resolve_preprocessing(config, built.preprocessing)
 
     root = loaded.resolve(config.images.path)
