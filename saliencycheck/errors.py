@@ -50,3 +50,11 @@ class WorkerError(SaliencyCheckError):
     lost node): the other finished units are stored, so ``--resume`` retries only the rest."""
 
     exit_code = 3
+
+
+class UserCodeError(SaliencyCheckError):
+    """Code the user named (a model factory, a model's forward, a custom method) ended the
+    process (``sys.exit``) or failed in a way saliencycheck cannot fix: exit 3 naming it,
+    never an exit code that could pass for the run's verdict."""
+
+    exit_code = 3
