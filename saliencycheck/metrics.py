@@ -257,7 +257,8 @@ def _gaussian_window(
     view="minmax",
     description="Structural similarity (Gaussian window, sigma 1.5) of the min-max maps.",
 )
-def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0) -> Scores:
+def ssim(a: Tensor, b: Tensor, *,
+         data_range: float = PostprocessOptions.ssim_data_range) -> Scores:
     """Mean structural similarity of each pair of maps, (B, H, W) x 2 -> (B,).
 
     Equals ``skimage.metrics.structural_similarity(a_i, b_i, gaussian_weights=True,

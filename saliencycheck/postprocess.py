@@ -20,11 +20,14 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from saliencycheck.config import PostprocessConfig
 from saliencycheck.errors import ConfigError
 
 Reduction = Literal["sum_abs", "abs_sum", "max_abs", "sum", "mean"]
 View = Literal["absolute", "signed", "minmax"]
 VIEW_NAMES: tuple[View, ...] = get_args(View)
+# The library's defaults are read from the config's postprocess: section, never copied.
+_DEFAULT = {name: field.default for name, field in PostprocessConfig.model_fields.items()}
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,16 @@ class PostprocessOptions:
     """How raw maps become the three views; record these next to the scores they produced.
 
     ``abs_reduction`` feeds the absolute and min-max views, ``signed_reduction`` the signed
-    view; ``percentile`` is the scale point of the absolute and signed views (99 originally).
+    view; ``percentile`` is the scale point of the absolute and signed views (99 originally);
+    ``ssim_data_range`` is read by the SSIM metric (2: the original code's setting). The
+    defaults are :class:`~saliencycheck.config.PostprocessConfig`'s, so a run configured with
+    defaults and a library call without options compute the same views.
     """
 
-    abs_reduction: Reduction = "sum_abs"
-    signed_reduction: Reduction = "sum"
-    percentile: float = 99.0
-    ssim_data_range: float = 1.0  # read by the SSIM metric (2: the original code's setting)
+    abs_reduction: Reduction = _DEFAULT["abs_reduction"]
+    signed_reduction: Reduction = _DEFAULT["signed_reduction"]
+    percentile: float = _DEFAULT["percentile"]
+    ssim_data_range: float = _DEFAULT["ssim_data_range"]
 
 
 def reduce_channels(maps: Tensor, how: Reduction) -> Tensor:
@@ -102,7 +108,8 @@ def _scale(numerator: Tensor, denominator: Tensor, low: float) -> Tensor:
 
 
 def absolute(
-    maps: Tensor, *, reduction: Reduction = "sum_abs", percentile: float = 99.0
+    maps: Tensor, *, reduction: Reduction = _DEFAULT["abs_reduction"],
+    percentile: float = _DEFAULT["percentile"],
 ) -> Tensor:
     """Absolute view, (N, C, H, W) -> (N, H, W) in [0, 1].
 
@@ -115,7 +122,10 @@ def absolute(
     return _scale(reduced - low.view(-1, 1, 1), high - low, 0.0)
 
 
-def signed(maps: Tensor, *, reduction: Reduction = "sum", percentile: float = 99.0) -> Tensor:
+def signed(
+    maps: Tensor, *, reduction: Reduction = _DEFAULT["signed_reduction"],
+    percentile: float = _DEFAULT["percentile"],
+) -> Tensor:
     """Signed (diverging) view, (N, C, H, W) -> (N, H, W) in [-1, 1].
 
     Per map ``x / p`` clipped to [-1, 1], with ``p`` the ``percentile`` of |x|; zero stays zero.
@@ -124,7 +134,7 @@ def signed(maps: Tensor, *, reduction: Reduction = "sum", percentile: float = 99
     return _scale(reduced, per_map_percentile(reduced.abs(), percentile), -1.0)
 
 
-def min_max(maps: Tensor, *, reduction: Reduction = "sum_abs") -> Tensor:
+def min_max(maps: Tensor, *, reduction: Reduction = _DEFAULT["abs_reduction"]) -> Tensor:
     """Min-max view, (N, C, H, W) -> (N, H, W) in [0, 1]: per map ``(x - min) / (max - min)``.
 
     The original code feeds this version to SSIM and HOG.

@@ -21,7 +21,7 @@ from xml.etree import ElementTree
 
 from saliencycheck.config import FLOOR_TESTS, Threshold
 from saliencycheck.errors import ConfigError
-from saliencycheck.report.tables import FLOOR_TEST
+from saliencycheck.report.tables import CI_LEVEL, FLOOR_TEST
 
 if TYPE_CHECKING:  # the report package imports the runner, which imports this module
     from saliencycheck.report.tables import SummaryRow
@@ -80,7 +80,7 @@ def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> 
 
 def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
            methods: list[str], stage_names: dict[str, list[str]], final_stage: dict[str, int],
-           invalid_tests: dict[str, str] | None = None, level: float = 0.95) -> list[Verdict]:
+           invalid_tests: dict[str, str] | None = None, level: float = CI_LEVEL) -> list[Verdict]:
     """A verdict for every method and every test with a threshold."""
     rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
     floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
@@ -127,8 +127,9 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
 
 
 def completeness_verdicts(summary: list[SummaryRow], tolerance: float, *,
-                          level: float = 0.95) -> list[Verdict]:
-    """PASS when the upper bound of the mean relative completeness error is ≤ tolerance."""
+                          level: float = CI_LEVEL) -> list[Verdict]:
+    """PASS when the upper bound of the mean relative completeness error is ≤ tolerance (the
+    mean itself where one score leaves no interval)."""
     verdicts = []
     for s in summary:
         if s.test != COMPLETENESS_TEST:
@@ -136,9 +137,11 @@ def completeness_verdicts(summary: list[SummaryRow], tolerance: float, *,
         if math.isnan(s.mean):
             verdict, reason = INVALID, "f(x) = f(baseline) for every image: nothing to complete"
         else:
-            bound = s.ci_high if math.isfinite(s.ci_high) else s.mean
+            one = not math.isfinite(s.ci_high)  # one image: no interval
+            bound = s.mean if one else s.ci_high
+            what = "mean (one score)" if one else f"upper {level:.0%} bound of the mean"
             verdict = PASS if bound <= tolerance else FAIL
-            reason = (f"upper {level:.0%} bound of the mean relative error: {bound:.2e} "
+            reason = (f"{what} relative error: {bound:.2e} "
                       f"{'≤' if verdict == PASS else '>'} tolerance {tolerance}")
         verdicts.append(Verdict(s.method, COMPLETENESS_TEST, s.metric, 0, s.stage, s.mean,
                                 s.ci_low, s.ci_high, tolerance, math.nan, verdict, reason))

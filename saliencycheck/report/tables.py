@@ -10,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from saliencycheck.config import FLOOR_TESTS
+from saliencycheck.config import FLOOR_TESTS, RuntimeConfig
 from saliencycheck.randomization import Stage
 from saliencycheck.runner.store import ROW_FIELDS, ScoreRow, StageObservation
 
 SUMMARY_FIELDS = ("method", "test", "stage_index", "stage", "metric", "mean", "std",
                   "ci_low", "ci_high", "n", "n_undefined", "floor", "above_floor")
 FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
+# The bootstrap's defaults are the config's (runtime.ci_level, bootstrap, seed), not copies.
+CI_LEVEL: float = RuntimeConfig.model_fields["ci_level"].default
+RESAMPLES: int = RuntimeConfig.model_fields["bootstrap"].default
+SEED: int = RuntimeConfig.model_fields["seed"].default
 STAGE_FIELDS = ("test", "stage_index", "stage", "blocks_randomized", "parameters_randomized",
                 "num_parameters", "fraction_randomized", "logit_relative_l2", "top1_agreement")
 
@@ -58,8 +62,8 @@ def write_report(path: Path, rows: list[ScoreRow]) -> None:
     _write(path, ROW_FIELDS, [asdict(r) for r in sort_rows(rows)])
 
 
-def bootstrap_interval(values: np.ndarray, *, level: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(values: np.ndarray, *, level: float = CI_LEVEL,
+                       resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (images × repeats, NaN for an
     undefined score): images and repeats are resampled independently (a two-way bootstrap),
     so both the image sample and the randomization seeds count. Seeded: deterministic."""
@@ -84,8 +88,8 @@ def bootstrap_interval(values: np.ndarray, *, level: float = 0.95, resamples: in
     return float(low), float(high)
 
 
-def summarize(rows: list[ScoreRow], *, level: float = 0.95, resamples: int = 2000,
-              seed: int = 0) -> list[SummaryRow]:
+def summarize(rows: list[ScoreRow], *, level: float = CI_LEVEL, resamples: int = RESAMPLES,
+              seed: int = SEED) -> list[SummaryRow]:
     """Per method × test × stage × metric: mean and std over images × repeats, a bootstrap
     confidence interval (:func:`bootstrap_interval`), n (defined scores), n_undefined."""
     groups: dict[tuple, dict[tuple[str, int], float]] = defaultdict(dict)
