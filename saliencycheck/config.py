@@ -20,8 +20,96 @@ from pydantic import (
     model_validator,
 )
 
-from saliencycheck.errors import ConfigError
+from saliencycheck.errors import ConfigError, first_line
 from saliencycheck.suggest import did_you_mean, not_one_of
+
+MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
+# Upper bounds that catch a typo (an extra zero) before hours of compute; generous for real use.
+MAX_REPEATS = 100
+MAX_BOOTSTRAP = 100_000
+MAX_SAMPLES = 10_000  # noisy copies per image (SmoothGrad, VarGrad, sMPRT)
+MAX_STEPS = 10_000  # integration steps per image
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (plain data only: no Python objects, so no code runs) that
+    also refuses a key given twice in one mapping (YAML silently keeps the last) and a document
+    whose aliases expand to more than ``MAX_YAML_NODES`` values ("billion laughs": a 1 KB file
+    of nested aliases that expands to 10^9 values once validated or printed)."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_line.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first on line {earlier}); remove one "
+                    "(YAML would silently keep the last)", problem_mark=key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    """A node's keys and values, or items; none for a scalar."""
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph that expands to more than ``MAX_YAML_NODES`` values or holds a
+    recursive alias. An alias is the node it names, shared; sizes are summed once per node
+    (depth first, without recursion), so even a bomb is checked in time linear in its text."""
+    on_path = -1
+    size: dict[int, int] = {}  # id(node) -> values it expands to; on_path while being summed
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_summed = stack.pop()
+        if children_summed:
+            size[id(node)] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    problem=f"its aliases expand to more than {MAX_YAML_NODES:,} values (an "
+                    "alias bomb?); a config needs far fewer: write the values out or nest "
+                    "fewer aliases", problem_mark=node.start_mark)
+        elif size.get(id(node)) == on_path:
+            raise yaml.composer.ComposerError(
+                problem="a recursive alias (a value that contains itself); write the values "
+                "out", problem_mark=node.start_mark)
+        elif id(node) not in size:
+            size[id(node)] = on_path
+            stack.append((node, True))
+            stack += [(child, False) for child in _children(node)]
+
+
+def at_most(value: int, limit: int, *, typical: str) -> int:
+    """``value`` when it is at most ``limit``; else a ValueError naming the limit and the
+    typical values (an upper bound catches a typo such as an extra zero before hours of work)."""
+    if value > limit:
+        raise ValueError(f"{value:,} is too many: at most {limit:,} ({typical})")
+    return value
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with `StrictLoader`'s checks. Raises ``yaml.YAMLError``, or
+    ``RecursionError`` for a value nested thousands of levels deep."""
+    loader = StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class Section(BaseModel):
@@ -238,6 +326,12 @@ class SmoothMprtConfig(Section):
         "randomization with every map averaged over noisy copies of the input first.",
     )
     samples: int = Field(50, ge=2, description="Noisy copies per image; the last is noise-free.")
+
+    @field_validator("samples")
+    @classmethod
+    def _few_samples(cls, value: int) -> int:
+        return at_most(value, MAX_SAMPLES, typical="typical: 50, the authors' value; each copy "
+                       "is a pass of every method at every stage")
     noise: float = Field(
         0.1, gt=0, description="Noise standard deviation as a fraction of each image's range "
         "(max - min).",
@@ -359,6 +453,7 @@ class RuntimeConfig(Section):
     bootstrap: int = Field(
         2000, ge=100, description="Bootstrap resamples (over images x repeats) per interval."
     )
+
     prefix_cache: bool = Field(
         True,
         description=(
@@ -416,6 +511,18 @@ class RuntimeConfig(Section):
         "a CUDA or I/O error) is retried before the run stops.",
     )
 
+    @field_validator("repeats")
+    @classmethod
+    def _few_repeats(cls, value: int) -> int:
+        return at_most(value, MAX_REPEATS, typical="typical: 1 to 5; each repeat runs every "
+                       "randomization again")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _few_resamples(cls, value: int) -> int:
+        return at_most(value, MAX_BOOTSTRAP, typical="typical: 1,000 to 10,000; more only "
+                       "slows the intervals down")
+
 
 class Threshold(Section):
     """When a method passes a test: its score at one stage must stay low (randomization
@@ -467,6 +574,14 @@ class BaselinesConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Output folder (relative to the config file).")
+
+    @field_validator("dir")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: it would mean the config file's own folder, among your "
+                             "files; give a folder, e.g. runs/latest")
+        return value
     figures: bool = Field(True, description="Write PNG figures.")
     figure_images: int = Field(
         4, ge=0, description="How many images get per-image stage grids (the first ones)."
@@ -666,33 +781,59 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
     if not source.is_file():
         raise ConfigError(f"{source}: config file not found; create one with `saliencycheck init`")
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        data = parse_yaml(source.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{source}:{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read the config file ({exc})") from None
+        raise ConfigError(f"{source}:{_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: values nested thousands of levels deep; a config needs a "
+                          "few levels, check the brackets") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config file "
+                          f"({exc.strerror or exc}); make it readable by this user") from None
     data = apply_overrides(data if data is not None else {}, overrides or [], source=source)
     return LoadedConfig(config=parse_config(data, source=source), source=source.resolve())
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as `` line N: problem`` (the line where the mark is known)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}:" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    return f"{where} {problem}"
+
+
 def apply_overrides(data: Any, overrides: list[str], *, source: str | Path) -> Any:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a config mapping."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML, as the config file is) to a config
+    mapping; a malformed one is a `ConfigError` naming the ``--set`` option."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping of sections")
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parts = [part.strip() for part in key.split(".")]
+        if not sep or not all(parts):
             raise ConfigError(
-                f"--set {item!r}: expected section.key=value, e.g. runtime.device=cpu"
+                f"--set {item!r}: expected section.key=value with no empty names, e.g. "
+                "--set runtime.device=cpu"
             )
+        try:
+            value = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or first_line(exc)
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote "
+                              f"it, e.g. --set '{key}=\"text\"', or close its brackets"
+                              ) from None
+        except RecursionError:
+            raise ConfigError(f"--set {item!r}: the value is nested thousands of levels "
+                              "deep; check its brackets") from None
         node = data
-        parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return data

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,13 @@ import torchvision
 from torch import nn
 
 from saliencycheck.config import ModelConfig
-from saliencycheck.errors import ANSI_CODES, ConfigError, ModelError, first_line
+from saliencycheck.errors import (
+    ANSI_CODES,
+    ConfigError,
+    ModelError,
+    UserCodeError,
+    first_line,
+)
 from saliencycheck.imports import import_callable
 from saliencycheck.suggest import did_you_mean
 
@@ -140,9 +149,67 @@ def _load_failure(exc: Exception, path: Path, field: str) -> ModelError:
     )
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= size - 8
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive: a zip holding compiled code and constants, which
+    ``torch.save`` archives never hold."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _is_onnx(path: Path, head: bytes) -> bool:
+    """An ONNX model: by suffix (unless it is a zip, as torch.save writes), or a protobuf
+    ModelProto's start (ir_version, a small varint, then producer_name), which neither a zip
+    nor a pickle starts with."""
+    return (path.suffix.lower() == ".onnx" and not head.startswith(b"PK")) or (
+        len(head) >= 3 and head[0] == 0x08 and head[1] < 0x80 and head[2] == 0x12)
+
+
+def _foreign_format(path: Path, field: str) -> ModelError | None:
+    """A checkpoint format saliencycheck does not read (safetensors, TorchScript, ONNX), named
+    with the conversion to a state_dict; None for anything else."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+        size = path.stat().st_size
+    except OSError:
+        return None  # torch.load reports it
+    name = path.name
+    if _is_safetensors(head, size):
+        return ModelError(
+            f"{field}: {path} is a safetensors file, which saliencycheck does not read; "
+            f"convert it to a state_dict: from safetensors.torch import load_file; "
+            f"torch.save(load_file('{name}'), '{path.stem}.pt'), and give that .pt file")
+    if _is_torchscript(path):
+        return ModelError(
+            f"{field}: {path} is a TorchScript archive (torch.jit.save), which saliencycheck "
+            "does not load (it would run the archive's code); from trusted code, save its "
+            f"weights: torch.save(torch.jit.load('{name}').state_dict(), '{path.stem}.pt'), "
+            "and give that .pt file with model.name or model.factory building the same "
+            "architecture")
+    if _is_onnx(path, head):
+        return ModelError(
+            f"{field}: {path} is an ONNX model, which saliencycheck does not read (it explains "
+            "PyTorch modules); give the PyTorch state_dict it was exported from, saved with "
+            f"{SAVE_STATE_DICT}")
+    return None
+
+
 def read_checkpoint(path: Path, *, field: str = "model.weights") -> dict[str, torch.Tensor]:
     """The state_dict in a local checkpoint, loaded safely: ``weights_only=True`` runs no code
-    from the file. Every failure is a `ModelError` naming ``field``, the file and the fix."""
+    from the file. Every failure is a `ModelError` naming ``field``, the file and the fix;
+    safetensors, TorchScript and ONNX files are named as such, with the conversion."""
     try:
         empty = path.stat().st_size == 0
     except OSError as exc:
@@ -151,6 +218,9 @@ def read_checkpoint(path: Path, *, field: str = "model.weights") -> dict[str, to
     if empty:
         raise ModelError(f"{field}: {path} is empty (0 bytes), so it holds no weights; re-save "
                          f"it with {SAVE_STATE_DICT}, or download or copy it again")
+    foreign = _foreign_format(path, field)
+    if foreign is not None:
+        raise foreign
     try:
         with warnings.catch_warnings():  # raw pickles warn before they are refused: one line
             warnings.filterwarnings("ignore", message="Detected pickle protocol",
@@ -201,25 +271,62 @@ def load_checkpoint(module: nn.Module, path: Path, *, field: str = "model.weight
     load_state_strictly(module, read_checkpoint(path, field=field), path=path, field=field)
 
 
+def _import_factory(name: str) -> Callable[..., Any]:
+    """The factory the config names. A module that does not exist or whose own imports fail
+    is a `ConfigError` (exit 2, the fix is the user's); a module that exits or raises on import
+    is a `UserCodeError` (exit 3) naming it, its traceback kept for the error log."""
+    try:
+        return import_callable(name)
+    except ValueError as exc:
+        raise ConfigError(f"model.factory: {exc}") from None
+    except SystemExit as exc:
+        raise UserCodeError(f"model.factory {name!r}: its module called sys.exit({exc.code!r}) "
+                            "on import; saliencycheck stopped (exit 3, never a verdict's "
+                            "code); remove that call") from exc
+    except Exception as exc:  # the user's module: any error its import raises
+        raise UserCodeError(f"model.factory {name!r}: importing its module raised "
+                            f"{type(exc).__name__}: {first_line(exc)[:160]}; fix the module"
+                            ) from exc
+
+
+def _call_factory(factory: Callable[..., Any], name: str, kwargs: dict[str, Any]) -> Any:
+    """``factory(**kwargs)``: keyword arguments its signature refuses are a `ConfigError`;
+    a missing package it imports a `ConfigError` naming it; ``sys.exit`` and any other error
+    a `UserCodeError` naming the factory. KeyboardInterrupt propagates (the CLI exits 130)."""
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.factory_kwargs: {name} rejected them ({exc})") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call says
+    try:
+        return factory(**kwargs)
+    except ImportError as exc:  # an import inside the factory
+        fix = ("install the package that provides it in this environment"
+               if isinstance(exc, ModuleNotFoundError) else "fix that import")
+        raise ConfigError(f"model.factory: {name} failed importing a module "
+                          f"({first_line(exc)}); {fix}") from None
+    except SystemExit as exc:
+        raise UserCodeError(f"model.factory {name!r} called sys.exit({exc.code!r}) instead of "
+                            "returning a model; saliencycheck stopped (exit 3, never a "
+                            "verdict's code); remove that call") from exc
+    except Exception as exc:  # the user's code: any error it raises
+        raise UserCodeError(f"model.factory {name!r} raised {type(exc).__name__}: "
+                            f"{first_line(exc)[:160]}; fix the factory or "
+                            "model.factory_kwargs") from exc
+
+
 def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> LoadedModel:
     """Build the configured model in eval mode (CPU); the caller moves it to the device."""
     preprocessing = None
     weights_source = "random initialisation"
     checkpoint: Path | None = None
     if cfg.factory:
-        try:
-            factory = import_callable(cfg.factory)
-        except ValueError as exc:
-            raise ConfigError(f"model.factory: {exc}") from None
+        factory = _import_factory(cfg.factory)
         kwargs = dict(cfg.factory_kwargs)
         if cfg.num_classes is not None:
             kwargs.setdefault("num_classes", cfg.num_classes)
-        try:
-            module = factory(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(
-                f"model.factory_kwargs: {cfg.factory} rejected them ({exc})"
-            ) from None
+        module = _call_factory(factory, cfg.factory, kwargs)
         if not isinstance(module, nn.Module):
             raise ModelError(f"model.factory: {cfg.factory} returned {type(module).__name__}, "
                              "not a torch.nn.Module")

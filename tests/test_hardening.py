@@ -548,11 +548,11 @@ def test_a_reused_output_folder_keeps_nothing_of_the_earlier_run(tmp_path: Path,
                     thresholds={"cascading": {"metric": "spearman_abs", "max": 2.0}})
     assert runner.invoke(app, ["run", str(first)]).exit_code == 0
     out = tmp_path / "out"
-    assert (out / "verdicts.csv").is_file() and (out / "figures" / "cmyk").is_dir()
-    assert (out / "maps" / "cmyk.npz").is_file()
+    assert (out / "verdicts.csv").is_file() and (out / "figures" / "cmyk.jpg").is_dir()
+    assert (out / "maps" / "cmyk.jpg.npz").is_file()
     (corpus / "cmyk.jpg").unlink()  # the second run has other images and no thresholds
     second = _config(tmp_path, output={"dir": "out", "figure_images": 2})
     assert runner.invoke(app, ["run", str(second)]).exit_code == 0
     assert not (out / "verdicts.csv").exists()  # no stale verdicts for a CI job to read
-    assert not (out / "figures" / "cmyk").exists() and not (out / "maps").exists()
+    assert not (out / "figures" / "cmyk.jpg").exists() and not (out / "maps").exists()
     assert (out / "figures" / "curves_cascading.png").is_file()

@@ -7,9 +7,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from saliencycheck.config import MAX_STEPS, at_most
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.baselines import Baseline, make_baseline
 from saliencycheck.methods.passes import (
@@ -39,6 +40,12 @@ class IntegratedGradientsParams(MethodParams):
         "'gausslegendre') or gauss_lobatto (exact to degree 2·steps−3; its last node is the "
         "input itself, so those rows are shared with gradient and Grad-CAM; steps ≥ 2)",
     )
+
+    @field_validator("steps")
+    @classmethod
+    def _few_steps(cls, steps: int) -> int:
+        return at_most(steps, MAX_STEPS, typical="typical: 20 to 300; each step is a forward "
+                       "and backward pass per image")
 
     @model_validator(mode="after")
     def _lobatto_needs_two_nodes(self) -> IntegratedGradientsParams:

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
+from saliencycheck.config import MAX_SAMPLES, at_most
 from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.passes import (
@@ -53,6 +54,13 @@ class _NoiseParams(MethodParams):
             except ConfigError as err:
                 raise ConfigError(f"of_params.{err}") from None
         return of_params
+
+
+    @field_validator("samples", check_fields=False)
+    @classmethod
+    def _few_samples(cls, samples: int) -> int:
+        return at_most(samples, MAX_SAMPLES, typical="typical: 25 to 50, the papers' values; "
+                       "each copy is a forward and backward pass per image")
 
 
 class SmoothGradParams(_NoiseParams):
