@@ -2,14 +2,17 @@
 
 The only module that prints or chooses exit codes: 0 success, 1 a configured check failed,
 2 bad usage / config / input (one line, no traceback), 3 internal error (one line; the
-traceback goes to error.log, or to the terminal with --debug), 130 interrupted.
+traceback goes to error.log, or to the terminal with --debug), 130 interrupted (SIGINT), 143
+terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -23,8 +26,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import load_config
-from saliencycheck.errors import SaliencyCheckError, first_line
+from saliencycheck.errors import (
+    RunInterrupted,
+    SaliencyCheckError,
+    Terminated,
+    UsageError,
+    UserCodeError,
+    first_line,
+)
+from saliencycheck.runner.ownership import ERROR_LOG
 
 app = typer.Typer(
     help="Sanity checks for saliency maps (Adebayo et al. 2018) from one YAML config.",
@@ -36,6 +48,11 @@ console = Console()
 err_console = Console(stderr=True)
 # Where an internal error's traceback is written: the output folder once a command knows it.
 _error_log_dir: Path | None = None
+_terminated = False  # a SIGTERM arrived
+_signal_reported = False  # a command said what the interrupt left behind
+# click's exception base: the usage errors (unknown option, missing argument, bad value). Newer
+# typer releases vendor click, so it is taken from typer's own BadParameter, whichever it is.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 OUTPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
@@ -43,15 +60,34 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
+OutputOption = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output folder (overrides output.dir).", show_default=False)]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Write into a non-empty output folder saliencycheck did not create "
+    "(it still deletes only files it writes).")]
+JunitOption = Annotated[Path | None, typer.Option(
+    "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")]
 
 
 @app.callback()
-def options(debug: Annotated[bool, typer.Option(
+def options(ctx: typer.Context, debug: Annotated[bool, typer.Option(
         "--debug", help="Show the full traceback of an internal error instead of writing it "
         "to error.log (also: SALIENCYCHECK_DEBUG=1).")] = False) -> None:
     """Sanity checks for saliency maps (Adebayo et al. 2018) from one YAML config."""
     if debug:
         os.environ["SALIENCYCHECK_DEBUG"] = "1"
+    # SIGTERM (CI cancellation, a Slurm time limit) is handled like Ctrl-C: finished units
+    # kept, the report written from them, exit 143. The previous handler is put back after.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def _terminate(signum: int, frame: object) -> None:
+    global _terminated
+    _terminated = True  # typer turns an interrupt it sees into exit 130: main() corrects it
+    raise Terminated()
 
 
 def fail(exc: SaliencyCheckError) -> typer.Exit:
@@ -67,86 +103,152 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 @app.command()
-def run(config: ConfigArg, overrides: SetOption = None,
-        output: Annotated[Path | None, typer.Option("--output", "-o",
-                          help="Output folder (overrides output.dir).")] = None,
+def run(config: ConfigArg, overrides: SetOption = None, output: OutputOption = None,
         retrain: Annotated[bool, typer.Option(
             "--retrain", help="Train the label randomization models again instead of reusing "
             "the cached ones.")] = False,
-        junit: Annotated[Path | None, typer.Option(
-            "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")] = None,
-        as_json: Annotated[bool, typer.Option(
-            "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")] = False,
+        junit: JunitOption = None, as_json: JsonOption = False,
         resume: Annotated[bool, typer.Option(
             "--resume", help="Keep the units already stored in the output folder and run only "
-            "the rest; refused when they come from another config.")] = False,
+            "the rest; refused when they come from another config or other input files.")
+        ] = False,
         shard: Annotated[str | None, typer.Option(
             "--shard", metavar="I/N", help="Run only shard I of N (0-based) into the shared "
             "output folder, without a report (then `saliencycheck merge`). Default in a Slurm "
             "array job: from SLURM_ARRAY_TASK_ID, _MIN, _STEP and _COUNT.",
             show_default=False)] = None,
+        force: ForceOption = False,
         ) -> None:
     """Run the configured sanity checks and write reports and figures.
 
     Exit code 1 when a method named in fail_on fails a test with a threshold."""
-    from saliencycheck.runner import prepare, run_check
-    from saliencycheck.runner.run import run_shard
-    from saliencycheck.runner.shards import parse_shard, shard_from_env
-    from saliencycheck.runner.store import check_writable
-
-    if output is not None:
-        overrides = [*(overrides or []), f"output.dir={output.resolve()}"]
-    part = None
+    part = out = None
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         warnings.showwarning = _show_warning
         try:
+            from saliencycheck.runner import prepare, run_check
+            from saliencycheck.runner.lock import FolderLock
+            from saliencycheck.runner.ownership import OutputFolder, check_apart
+            from saliencycheck.runner.run import run_shard
+            from saliencycheck.runner.shards import parse_shard, shard_from_env
+
             part = parse_shard(shard) if shard is not None else shard_from_env(os.environ)
+            overrides = [*(overrides or []), *_output_override(output)]
             loaded = load_config(config, overrides)
             out = loaded.resolve(loaded.config.output.dir)
-            check_writable(out, f"{loaded.source.name}: output.dir")
-            _log_errors_in(out)
-            with console.status("loading model and images"):
-                setup = prepare(loaded)
-            labels = ", ".join(m.label for m in setup.methods)
-            stages = "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items())
-            err_console.print(
-                f"model {loaded.config.model.name} ({setup.weights_source}) on {setup.device}; "
-                f"{len(setup.images)} image files; methods {labels}; {stages}", highlight=False)
-            with _progress() as bar:
-                task = bar.add_task("running", total=None)
+            field = f"{loaded.source.name}: output.dir"
+            # folders and globs now (listed images once found), before the folder is made
+            check_apart(out, loaded.resolve(loaded.config.images.path), [], field=field)
+            folder = OutputFolder.claim(out, force=force, field=field)
+            if junit is not None:  # once the folder is claimed: it may lie inside
+                _check_output_file(junit, "--junit", out)
+            with FolderLock(out, shared=part is not None):
+                _log_errors_in(folder)
+                with console.status("loading model and images"):
+                    setup = prepare(loaded)
+                labels = ", ".join(m.label for m in setup.methods)
+                stages = "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items())
+                err_console.print(
+                    f"model {loaded.config.model.name} ({setup.weights_source}) on "
+                    f"{setup.device}; {len(setup.images)} image files; methods {labels}; "
+                    f"{stages}", highlight=False)
+                with _progress() as bar:
+                    task = bar.add_task("running", total=None)
 
-                def advance(steps: int, total: int, text: str) -> None:
-                    bar.update(task, advance=steps, total=total, description=text)
+                    def advance(steps: int, total: int, text: str) -> None:
+                        bar.update(task, advance=steps, total=total, description=text)
 
-                if part is not None:
-                    done = run_shard(setup, part, progress=advance, retrain=retrain)
-                else:
-                    result = run_check(setup, progress=advance, retrain=retrain, resume=resume)
+                    if part is not None:
+                        done = run_shard(setup, part, progress=advance, retrain=retrain,
+                                         force=force)
+                    else:
+                        result = run_check(setup, progress=advance, retrain=retrain,
+                                           resume=resume, force=force)
+                if part is None:
+                    _show_result(result, junit=junit, as_json=as_json, folder=folder)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except OSError as exc:
             raise _output_failure(exc) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted:[/] finished work units are saved" + (
-                "; run the shard again to finish it" if part is not None else
-                " and the reports were written from them; --resume finishes the run"))
-            raise typer.Exit(code=130) from None
+        except SystemExit as exc:
+            raise fail(_user_exit(exc)) from None
+        except RunInterrupted as stop:
+            raise _stopped(stop.interrupt, f"{stop.units_done} of {stop.units_total} work units "
+                           "are stored; the report written from them is partial (run.json: "
+                           "complete false); --resume finishes the run") from None
+        except KeyboardInterrupt as stop:
+            raise _stopped(stop, _left_behind(out, shard=part is not None)) from None
     if part is not None:
         _print_shard(done)
-        return
-    _show_result(result, junit=junit, as_json=as_json)
 
 
-def _log_errors_in(folder: Path) -> None:
-    """Write an internal error's traceback to ``folder``/error.log, removing an earlier
-    run's log so it never passes for this one's."""
-    global _error_log_dir
-    _error_log_dir = folder
+def _output_override(output: str | None) -> list[str]:
+    """``-o DIR`` as an output.dir override; an empty one (``-o "$UNSET"``) is refused: it
+    would mean the current folder."""
+    if output is None:
+        return []
+    if not output.strip():
+        raise UsageError("-o: empty output folder (an unset shell variable?); give a folder, "
+                         "e.g. -o runs/latest")
+    return [f"output.dir={json.dumps(str(Path(output).resolve()))}"]  # quoted: ': ', '#'
+
+
+def _check_output_file(path: Path, option: str, out: Path) -> None:
+    """Before any compute: ``path`` can be written (its folder is created if missing), and
+    is not one of saliencycheck's own files in the output folder ``out``."""
+    from saliencycheck.runner.ownership import OutputFolder
+    from saliencycheck.runner.run import is_reserved
+
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file path, e.g. "
+                         f"{option} {path / 'saliencycheck.xml'}")
+    if out.resolve() in path.resolve().parents and is_reserved(
+            path.resolve().relative_to(out.resolve())):
+        raise UsageError(f"{option} {path}: saliencycheck writes that path (or its folder) "
+                         f"itself in the output folder; give another file, e.g. "
+                         f"{option} {out / 'junit.xml'}")
     try:
-        (folder / "error.log").unlink(missing_ok=True)
-    except OSError:  # an unwritable folder is reported where it is written to
-        pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OutputFolder.probe(path.parent)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc}); give "
+                         "a writable path") from None
+
+
+def _stopped(interrupt: BaseException, what: str) -> typer.Exit:
+    """Say what a SIGINT or SIGTERM left behind in one line; exit 130 or 143."""
+    global _signal_reported
+    _signal_reported = True
+    name = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+    err_console.print(f"[bold red]{name}:[/] {what}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=143 if isinstance(interrupt, Terminated) else 130)
+
+
+def _left_behind(out: Path | None, *, shard: bool) -> str:
+    """What an interrupt outside the units (loading, or while the report was written) left."""
+    if shard:
+        return "the finished work units are stored; run the shard again to finish it"
+    if out is not None and (out / "units" / "plan.json").is_file():
+        return (f"{out} holds no report (run.json absent); the finished work units are "
+                "stored: --resume finishes the run and writes it")
+    return "nothing was computed"
+
+
+def _user_exit(exc: SystemExit) -> UserCodeError:
+    """``sys.exit`` called by the user's code (a model's forward, a factory, a custom method):
+    never an exit code that could pass for a verdict."""
+    return UserCodeError(f"the model's or a custom method's code called sys.exit({exc.code!r}) "
+                         "during the run; saliencycheck stopped without a report (exit 3, not "
+                         "its code, so a CI gate cannot pass by it); remove that call")
+
+
+def _log_errors_in(folder) -> None:  # noqa: ANN001 (an OutputFolder)
+    """Write an internal error's traceback to the output folder's error.log, removing an
+    earlier run's log (one saliencycheck wrote) so it never passes for this one's."""
+    global _error_log_dir
+    _error_log_dir = folder.root
+    folder.remove([ERROR_LOG])
 
 
 def _output_failure(exc: OSError) -> typer.Exit:
@@ -177,7 +279,7 @@ def _print_shard(done) -> None:  # noqa: ANN001
                       highlight=False)
 
 
-def _show_result(result, *, junit: Path | None, as_json: bool) -> None:  # noqa: ANN001
+def _show_result(result, *, junit: Path | None, as_json: bool, folder) -> None:  # noqa: ANN001
     """Print what a run or merge found, write the JUnit file, exit 1 if the gate fails."""
     if result.units_resumed:
         err_console.print(f"resumed: {result.units_resumed} of {result.units_total} units were "
@@ -206,8 +308,9 @@ def _show_result(result, *, junit: Path | None, as_json: bool) -> None:  # noqa:
     if junit is not None:
         from saliencycheck.verdicts import junit_xml
 
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(result.verdicts, result.failures), encoding="utf-8")
+        atomic_write_text(junit, junit_xml(result.verdicts, result.failures))
+        if folder.root.resolve() in junit.resolve().parents:
+            folder.record([junit])
     if as_json:
         from saliencycheck.verdicts import verdicts_json
 
@@ -369,40 +472,52 @@ def merge(
     folders: Annotated[list[Path], typer.Argument(
         help="Output folders whose stored units to merge (shards of one run).",
         metavar="OUTPUT_DIR", show_default=False)],
-    output: Annotated[Path | None, typer.Option(
+    output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Write the merged units and report here (default: the first "
-        "folder).")] = None,
+        "folder).", show_default=False)] = None,
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="Write the report even when units are missing (run.json "
         "counts them).")] = False,
-    junit: Annotated[Path | None, typer.Option(
-        "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")] = None,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")] = False,
+    junit: JunitOption = None, as_json: JsonOption = False, force: ForceOption = False,
 ) -> None:
     """Merge the units stored by shards into the report, summary, verdicts and figures.
 
     Exit code 2 naming the missing shards when units are missing; 1 as for run."""
-    from saliencycheck.runner.merge import merge_outputs
-    from saliencycheck.runner.store import check_writable
-
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         warnings.showwarning = _show_warning
-        _log_errors_in(output or folders[0])
         try:
-            if output is not None:
-                check_writable(output, "-o")
-            with console.status("merging"):
-                result = merge_outputs(folders, output=output, allow_partial=allow_partial)
+            from saliencycheck.runner.lock import FolderLock
+            from saliencycheck.runner.merge import check_mergeable, merge_outputs
+            from saliencycheck.runner.ownership import OutputFolder
+
+            if output is not None and not output.strip():
+                raise UsageError("-o: empty output folder (an unset shell variable?); give a "
+                                 "folder, or leave -o out to merge into the first folder")
+            target = Path(output) if output is not None else folders[0]
+            check_mergeable(folders)
+            folder = OutputFolder.claim(target, force=force,
+                                        field="-o" if output is not None else str(target))
+            if junit is not None:
+                _check_output_file(junit, "--junit", target)
+            with FolderLock(target):
+                _log_errors_in(folder)
+                with console.status("merging"):
+                    result = merge_outputs(folders, output=target if output is not None
+                                           else None, allow_partial=allow_partial, force=force)
+                if result.interrupted:
+                    err_console.print(f"[yellow]partial:[/] {result.units_done} of "
+                                      f"{result.units_total} units merged", highlight=False)
+                _show_result(result, junit=junit, as_json=as_json, folder=folder)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except OSError as exc:
             raise _output_failure(exc) from None
-    if result.interrupted:
-        err_console.print(f"[yellow]partial:[/] {result.units_done} of {result.units_total} "
-                          "units merged", highlight=False)
-    _show_result(result, junit=junit, as_json=as_json)
+        except SystemExit as exc:
+            raise fail(_user_exit(exc)) from None
+        except KeyboardInterrupt as stop:
+            raise _stopped(stop, "the merge stopped before its report was complete (run.json "
+                           "absent); the stored units are kept: run the merge again") from None
 
 
 @app.command()
@@ -416,6 +531,8 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
         setup = prepare(loaded, probe_methods=True)
     except SaliencyCheckError as exc:
         raise fail(exc) from None
+    except SystemExit as exc:
+        raise fail(_user_exit(exc)) from None
     skipped = unreadable_images(setup)
     for image in skipped:
         err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
@@ -468,10 +585,21 @@ def init(path: Annotated[Path, typer.Argument(help="Where to write the config.")
     """Write a fully commented starter config."""
     from saliencycheck.starter import starter_config
 
-    if path.exists() and not force:
-        err_console.print(f"[bold red]error:[/] {path} exists; use --force to overwrite")
-        raise typer.Exit(code=2)
-    path.write_text(starter_config(), encoding="utf-8")
+    try:
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name, e.g. "
+                             f"{path / 'saliencycheck.yaml'}")
+        if path.exists() and not force:
+            raise UsageError(f"{path} exists; use --force to overwrite")
+        if not path.parent.is_dir():
+            raise UsageError(f"folder {path.parent} does not exist; create it first "
+                             f"(mkdir -p {path.parent}) or give another path")
+        atomic_write_text(path, starter_config())
+    except OSError as exc:
+        raise fail(UsageError(f"cannot write {path} ({exc.strerror or exc}); give a path in "
+                              "a writable folder")) from None
+    except SaliencyCheckError as exc:
+        raise fail(exc) from None
     console.print(f"wrote {path}; edit it, then `saliencycheck validate {path}`", highlight=False)
 
 
@@ -493,12 +621,25 @@ def methods() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: an exception no command turned into a message is a bug
-    (exit 3): one line here, the traceback in error.log, or on the terminal with --debug."""
+    """Console-script entry point: click's usage errors as one ``error:`` line (exit 2); an
+    interrupt no command reported as one line (exit 130, or 143 for SIGTERM); an exception
+    no command turned into a message is a bug (exit 3): one line here, the traceback in
+    error.log, or on the terminal with --debug."""
+    global _terminated, _signal_reported
+    _terminated = _signal_reported = False
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+        code = app(standalone_mode=False)  # returns a command's exit code (None: 0)
+    except CLICK_ERROR as exc:  # an unknown option, a missing argument, a bad value
+        context = getattr(exc, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        if type(exc).__name__ != "NoArgsIsHelpError":  # (that one printed the help)
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message() + hint)}",
+                              highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except (KeyboardInterrupt, typer.Abort) as stop:
+        _terminated = _terminated or isinstance(stop, Terminated)
+        code = 130
     except Exception as exc:  # noqa: BLE001 (the last line of defence)
         if os.environ.get("SALIENCYCHECK_DEBUG") == "1":  # the traceback here, still exit 3
             traceback.print_exc()
@@ -509,20 +650,34 @@ def main() -> None:
                           f"the traceback is in {log} (--debug shows it here); please report "
                           "it with that file", highlight=False, soft_wrap=True)
         sys.exit(3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 130 and not _signal_reported:  # before a command could say what it left
+        code = _stopped(Terminated() if _terminated else KeyboardInterrupt(),
+                        "stopped before any work; nothing was written").exit_code
+    sys.exit(code or 0)
 
 
 def _write_error_log() -> Path:
-    """The current exception's traceback in the output folder's error.log (or, before one
-    is known or when it is not writable, the temporary folder's saliencycheck-error.log)."""
+    """The current exception's traceback in the output folder's error.log (recorded there as
+    saliencycheck's own), or, before one is known, when it is not writable or when an
+    error.log there is not saliencycheck's, the temporary folder's saliencycheck-error.log."""
+    from saliencycheck.runner.ownership import OutputFolder
+
     text = traceback.format_exc()
-    for folder, name in ((_error_log_dir, "error.log"),
-                         (Path(tempfile.gettempdir()), "saliencycheck-error.log")):
-        if folder is None:
-            continue
+    if _error_log_dir is not None:
+        folder = OutputFolder(_error_log_dir)
+        path = _error_log_dir / ERROR_LOG
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text, encoding="utf-8")
-            return folder / name
-        except OSError:
-            continue
-    return Path("(nowhere: no writable folder)")
+            if not path.exists() or folder.is_ours(ERROR_LOG):
+                atomic_write_text(path, text)
+                folder.record([path])
+                return path
+        except (OSError, SaliencyCheckError):  # unwritable, or a damaged manifest
+            pass
+    path = Path(tempfile.gettempdir()) / "saliencycheck-error.log"
+    try:
+        path.write_text(text, encoding="utf-8")
+        return path
+    except OSError:
+        return Path("(nowhere: no writable folder)")

@@ -1,5 +1,9 @@
 """`saliencycheck compare`: did a new run regress against a baseline run?
 
+Both folders must hold a complete report (run.json, written last, covering every unit): a
+folder whose run was cut short, or is still running, is refused instead of compared, so
+"no regression" is never said of a report that is not there.
+
 In a sanity check, a higher similarity to the trained model's maps after randomization is
 worse: the method became less sensitive to the model. So a regression is a mean similarity
 (summary.csv, any method × test × randomized stage × metric, and completeness's relative
@@ -16,6 +20,7 @@ compared.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +76,28 @@ def _read(path: Path) -> list[dict[str, str]]:
         raise DataError(f"{path}: cannot read it ({exc})") from None
 
 
+def check_complete(folder: Path) -> None:
+    """Raise DataError unless ``folder`` holds a complete report: run.json present (it is
+    written last), readable, and covering every planned unit."""
+    path = folder / "run.json"
+    if not path.is_file():
+        raise DataError(f"{folder}: no complete report (run.json is absent: the run did not "
+                        "finish, stopped while writing its report, or is still running); "
+                        "finish it with `saliencycheck run CONFIG --resume`")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        done, total = int(info["units_done"]), int(info["units_total"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a saliencycheck run.json ({type(exc).__name__}); give "
+                        "the output folder of a finished run") from None
+    if done < total or info.get("complete") is False:
+        raise DataError(f"{folder}: its report is partial ({done} of {total} units"
+                        + (f", interrupted by {info['interrupted_by']}"
+                           if info.get("interrupted_by") else "")
+                        + "); finish it with `saliencycheck run CONFIG --resume` before "
+                        "comparing")
+
+
 def _means(folder: Path) -> dict[Key, tuple[str, float]]:
     rows = _read(folder / "summary.csv")
     try:
@@ -91,6 +118,8 @@ def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Compa
     """Regressions and improvements of ``new`` against ``baseline`` beyond ``tolerance``."""
     if not tolerance >= 0:
         raise DataError(f"--tolerance must be ≥ 0, got {tolerance}")
+    for folder in (baseline, new):
+        check_complete(folder)
     before, after = _means(baseline), _means(new)
     regressions, improvements, compared = [], [], 0
     for key, (stage, old) in sorted(before.items()):

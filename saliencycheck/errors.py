@@ -58,3 +58,25 @@ class UserCodeError(SaliencyCheckError):
     never an exit code that could pass for the run's verdict."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI cancellation, a Slurm time limit), raised by the CLI's signal handler and
+    handled like Ctrl-C: finished units are kept and the report is written from them."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by ``interrupt`` while its units ran; the report of the units done was
+    written (run.json says ``complete: false``)."""
+
+    def __init__(self, interrupt: KeyboardInterrupt, *, units_done: int,
+                 units_total: int) -> None:
+        super().__init__(f"interrupted after {units_done} of {units_total} units")
+        self.interrupt = interrupt
+        self.units_done = units_done
+        self.units_total = units_total
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process its signal ended."""
+        return 143 if isinstance(self.interrupt, Terminated) else 130

@@ -309,6 +309,7 @@ def test_compare_knows_which_scores_must_stay_high(tmp_path: Path) -> None:
     def run(folder: str, means: dict[tuple[str, str], float]) -> Path:
         out = tmp_path / folder
         out.mkdir()
+        (out / "run.json").write_text('{"complete": true, "units_done": 1, "units_total": 1}')
         with (out / "summary.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
             writer.writeheader()

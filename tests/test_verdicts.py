@@ -211,7 +211,10 @@ def test_compare_finds_an_injected_regression_and_passes_an_identical_run(projec
     assert runner.invoke(app, ["compare", str(baseline), str(new),
                                "--tolerance", "0.3"]).exit_code == 1  # the verdict still moved
     missing = runner.invoke(app, ["compare", str(baseline), str(project / "nowhere")])
-    assert missing.exit_code == 2 and "summary.csv" in missing.output
+    assert missing.exit_code == 2 and "no complete report" in missing.output
+    (new / "run.json").unlink()  # a run that stopped while writing its report
+    unfinished = runner.invoke(app, ["compare", str(baseline), str(new)])
+    assert unfinished.exit_code == 2 and "run.json is absent" in unfinished.output
 
 
 def _edit_csv(path: Path, edit) -> None:

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saliencycheck.atomic import atomic_write
 from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import ENTROPY_RISE
-from saliencycheck.data import load_images
+from saliencycheck.data import load_images, safe_name
 from saliencycheck.errors import MethodError
 from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.invariance import compensated, compensation_failure, pixel_shift
@@ -241,7 +242,7 @@ class UnitExecutor:
         finally:
             self._enter(None)
         if setup.config.output.save_maps:
-            self._save_raw_maps(raw_maps)
+            result.files = self._save_raw_maps(raw_maps)
         return result
 
     def _pass_logits(self, inputs: torch.Tensor, trace: CallTrace | None,
@@ -596,14 +597,19 @@ class UnitExecutor:
                 for i, image in enumerate(ids):
                     raw_maps[image][f"{test}/{method}/{stage_index}"] = array[i]
 
-    def _save_raw_maps(self, raw_maps: dict[str, dict[str, np.ndarray]]) -> None:
+    def _save_raw_maps(self, raw_maps: dict[str, dict[str, np.ndarray]]) -> list[str]:
+        """maps/<image>.npz, each written atomically; their paths relative to the output
+        folder, which the driver records as saliencycheck's own (the unit may run elsewhere)."""
         folder = self.setup.output_dir / "maps"
         folder.mkdir(parents=True, exist_ok=True)
+        names = []
         for image, arrays in raw_maps.items():
-            path = folder / (safe_name(image) + ".npz")
-            np.savez_compressed(path, **arrays)
+            name = safe_name(image) + ".npz"
 
+            def write(tmp: Path, arrays: dict[str, np.ndarray] = arrays) -> None:
+                with tmp.open("wb") as fh:
+                    np.savez_compressed(fh, **arrays)
+            atomic_write(folder / name, write)
+            names.append(f"maps/{name}")
+        return names
 
-def safe_name(image_id: str) -> str:
-    """A file-system-safe name for an image id (sub-folders flattened)."""
-    return Path(image_id).with_suffix("").as_posix().replace("/", "__")

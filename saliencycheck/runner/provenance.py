@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from saliencycheck.runner.executor import REPEAT_SEED_STEP, floor_seeds
-from saliencycheck.runner.manifest import PLACEMENT
+from saliencycheck.runner.ownership import file_sha256
+from saliencycheck.runner.plan import PLACEMENT
 from saliencycheck.runner.setup import RunSetup
 
 PACKAGES = ("saliencycheck", "torch", "torchvision", "numpy", "scikit-image", "pydantic", "ray")
@@ -25,14 +26,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def config_sha256(setup: RunSetup) -> str:

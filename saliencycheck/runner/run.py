@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
-from saliencycheck.errors import SaliencyCheckError, StoreError
+from saliencycheck.errors import RunInterrupted, SaliencyCheckError, StoreError, Terminated
 from saliencycheck.invariance import compensation_failure
 from saliencycheck.label_training import LabelModels, obtain_label_models
 from saliencycheck.methods import compute_maps
@@ -41,7 +41,9 @@ from saliencycheck.report.tables import (
 )
 from saliencycheck.runner.backends import choose_backend
 from saliencycheck.runner.executor import UNCHANGED_NOTE, figure_key, safe_name
-from saliencycheck.runner.manifest import check_same_run, manifest
+from saliencycheck.runner.lock import FolderLock
+from saliencycheck.runner.manifest import HashCache, check_same_run, manifest
+from saliencycheck.runner.ownership import ERROR_LOG, STATE_DIR, OutputFolder
 from saliencycheck.runner.plan import WorkUnit, plan_units
 from saliencycheck.runner.provenance import (
     checkpoint_hashes,
@@ -60,7 +62,7 @@ from saliencycheck.runner.setup import (
     first_readable,
 )
 from saliencycheck.runner.shards import Shard
-from saliencycheck.runner.store import ResultStore
+from saliencycheck.runner.store import CONTEXT, PLAN, ResultStore
 from saliencycheck.verdicts import (
     FLOOR_TEST,
     Verdict,
@@ -79,6 +81,10 @@ TITLES = {"cascading": "cascading randomization", "independent": "independent ra
           ENTROPY_TEST: "efficient MPRT (relative rise of histogram entropy)"}
 RUN_JSON = "run.json"  # written last: present only beside whole report files (units_done: how
 # much of the run they cover)
+# The report: rewritten as a set from the stored units. While run.json is absent the folder
+# holds no report (the files of an earlier one are removed first, so none passes for this one).
+REPORT_FILES = ("report.csv", "summary.csv", "stages.csv", "skipped.csv", "verdicts.csv")
+REPORT_DIRS = ("figures",)
 BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
 
 
@@ -111,29 +117,45 @@ class RunResult:
 
 
 def run_check(setup: RunSetup, *, progress: Progress = lambda *_: None,
-              retrain: bool = False, resume: bool = False) -> RunResult:
+              retrain: bool = False, resume: bool = False, force: bool = False) -> RunResult:
     """Execute every work unit, storing each at once, then write reports and figures.
 
-    With ``resume``, the units already stored for the same plan are kept and skipped (a
-    stored plan of another config raises StoreError); without it the store starts empty.
-    With the label randomization test, its models are trained first (or loaded: from the
-    checkpoints, or from the cache in the output folder unless ``retrain``). On
-    KeyboardInterrupt the outputs are written from the units already stored, then the
-    interrupt propagates, so nothing computed is lost.
+    The output folder is claimed (a non-empty folder saliencycheck did not create is refused
+    unless ``force``) and locked for the run (see ``ownership`` and ``lock``). With
+    ``resume``, the units already stored for the same plan are kept and skipped (a stored
+    plan of another config or other input files raises StoreError); without it the store
+    starts empty. With the label randomization test, its models are trained first (or
+    loaded: from the checkpoints, or from the cache in the output folder unless ``retrain``).
+    Interrupted (KeyboardInterrupt, or :class:`~saliencycheck.errors.Terminated` for SIGTERM)
+    while units run, the report is written from the units already stored, marked partial,
+    and :class:`~saliencycheck.errors.RunInterrupted` is raised: nothing computed is lost. An
+    interrupt while the report itself is written propagates as it is: no run.json, so the
+    folder holds no report.
     """
     started = time.perf_counter()
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
-    store = open_store(setup, units, keep=resume, fix="run without --resume to start afresh, "
-                       "or set output.dir to another folder")
-    try:
-        ran = execute(setup, store, units, progress=progress, retrain=retrain)
-    except KeyboardInterrupt:
-        write_outputs(setup, store, units_total=len(units),
-                      timings={"compute_s": time.perf_counter() - started})
-        raise
-    result = write_outputs(setup, store, units_total=len(units),
-                           timings={"compute_s": time.perf_counter() - started})
+    with owned_output(setup, force=force):
+        store = open_store(setup, units, keep=resume, fix="run without --resume to start "
+                           "afresh, or set output.dir to another folder")
+        try:
+            ran = execute(setup, store, units, progress=progress, retrain=retrain)
+        except KeyboardInterrupt as interrupt:
+            result = write_outputs(setup, store, units_total=len(units),
+                                   timings={"compute_s": time.perf_counter() - started},
+                                   interrupted=interrupt)
+            raise RunInterrupted(interrupt, units_done=result.units_done,
+                                 units_total=result.units_total) from interrupt
+        result = write_outputs(setup, store, units_total=len(units),
+                               timings={"compute_s": time.perf_counter() - started})
     return replace(result, units_resumed=len(units) - ran)
+
+
+@contextmanager
+def owned_output(setup: RunSetup, *, force: bool, shared: bool = False) -> Iterator[None]:
+    """The run's output folder, claimed and locked (``shared`` for shards) while inside."""
+    OutputFolder.claim(setup.output_dir, force=force)
+    with FolderLock(setup.output_dir, shared=shared):
+        yield
 
 
 @dataclass(frozen=True)
@@ -149,20 +171,21 @@ class ShardResult:
 
 
 def run_shard(setup: RunSetup, shard: Shard, *, progress: Progress = lambda *_: None,
-              retrain: bool = False) -> ShardResult:
+              retrain: bool = False, force: bool = False) -> ShardResult:
     """Run this shard's units that are not stored yet, into the shared output folder.
 
     Shards always keep what is stored (a resubmitted array task picks up where it stopped)
     and never write the report: `merge` does, from every shard's units.
     """
     units = plan_units(len(setup.images), batch_size=setup.config.runtime.batch_size)
-    store = open_store(setup, units, keep=True, fix="delete its units/ folder (or set "
-                       "output.dir to another folder) before the array job starts")
-    shard.check_against(store.shard_counts(), where=setup.output_dir)
-    store.mark_shards(shard.count)
-    mine = shard.units(units)
-    ran = execute(setup, store, mine, progress=progress, retrain=retrain)
-    stored = store.unit_ids()
+    with owned_output(setup, force=force, shared=True):
+        store = open_store(setup, units, keep=True, fix="delete its units/ folder (or set "
+                           "output.dir to another folder) before the array job starts")
+        shard.check_against(store.shard_counts(), where=setup.output_dir)
+        store.mark_shards(shard.count)
+        mine = shard.units(units)
+        ran = execute(setup, store, mine, progress=progress, retrain=retrain)
+        stored = store.unit_ids()
     return ShardResult(output_dir=setup.output_dir, shard=shard, units_run=ran,
                        units_stored=sum(u.id in stored for u in mine), units_shard=len(mine),
                        units_missing=sum(u.id not in stored for u in units))
@@ -170,22 +193,62 @@ def run_shard(setup: RunSetup, shard: Shard, *, progress: Progress = lambda *_: 
 
 def open_store(setup: RunSetup, units: list[WorkUnit], *, keep: bool, fix: str) -> ResultStore:
     """The output folder's store, holding this run's plan: emptied, or (``keep``) checked to
-    hold units of the same plan; ``fix`` tells the user what to do when it does not."""
+    hold units of the same plan; ``fix`` tells the user what to do when it does not. Only
+    files saliencycheck recorded as its own are ever removed, and every file the run may
+    write is reserved as its own before any is written (see ``ownership``)."""
     store = ResultStore(setup.output_dir)
-    (setup.output_dir / RUN_JSON).unlink(missing_ok=True)  # the units are about to change
-    plan = manifest(setup, units)
+    names = planned_outputs(setup, units)
+    store.folder.check_free(names)  # before any work
+    plan = manifest(setup, units, HashCache(setup.output_dir))
     stored = store.read_plan() if keep else None
     if stored is not None:
         check_same_run(stored, plan, where=setup.output_dir, fix=fix)
-        return store
-    if keep and store.unit_ids():
+    elif keep and store.unit_ids():
         raise StoreError(f"{store.root} holds units without a plan.json (from an older "
                          f"saliencycheck), so they cannot be checked; {fix}")
-    if not keep:
+    store.folder.remove([RUN_JSON])  # the units are about to change
+    if not keep:  # a fresh run: nothing of the earlier one stays beside the new units
+        remove_report(store)
         store.clear()
-        shutil.rmtree(setup.output_dir / "maps", ignore_errors=True)  # another run's images
-    store.write_plan(plan)
+        store.folder.remove(under=["maps"])
+    store.folder.reserve(names)
+    if stored is None:
+        store.write_plan(plan)
     return store
+
+
+def report_outputs(setup: RunSetup) -> list[str]:
+    """The files (relative paths) of the report that a run of ``setup`` writes."""
+    names = [*REPORT_FILES, RUN_JSON]
+    if setup.config.output.figures:
+        for test in setup.stage_names:
+            names += [f"figures/{safe_name(image)}/{test}.png"
+                      for image in sorted(setup.figure_ids)]
+            names.append(f"figures/{'bars' if test in BAR_TESTS else 'curves'}_{test}.png")
+        names.append("figures/verdicts.png")
+    return names
+
+
+def planned_outputs(setup: RunSetup, units: list[WorkUnit]) -> list[str]:
+    """Every file (relative path) a run of ``setup`` may write into its output folder."""
+    names = [*report_outputs(setup), f"units/{PLAN}", f"units/{CONTEXT}"]
+    names += [f"units/{unit.id}.{suffix}" for unit in units for suffix in ("json", "npz")]
+    if setup.config.output.save_maps:
+        names += [f"maps/{safe_name(ref.id)}.npz" for ref in setup.images]
+    return names
+
+
+def is_reserved(relative: Path) -> bool:
+    """Whether a path inside an output folder (relative to it) is one saliencycheck writes,
+    or lies in a folder it writes into: never a place for a file the user names (--junit)."""
+    return (relative.as_posix() in {*REPORT_FILES, RUN_JSON, ERROR_LOG}
+            or relative.parts[0] in {STATE_DIR, "units", "maps", LABEL_TEST, *REPORT_DIRS})
+
+
+def remove_report(store: ResultStore) -> None:
+    """Remove the report files saliencycheck wrote (run.json first)."""
+    store.folder.remove([RUN_JSON])
+    store.folder.remove(REPORT_FILES, under=REPORT_DIRS)
 
 
 def execute(setup: RunSetup, store: ResultStore, units: list[WorkUnit], *, progress: Progress,
@@ -216,13 +279,18 @@ def obtain_models(setup: RunSetup, *, retrain: bool,
     if section is None:
         return None
     example = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
+    cache = (setup.output_dir / LABEL_TEST).resolve()
     try:
-        return obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
-                                   resolve=setup.resolve,
-                                   cache=(setup.output_dir / LABEL_TEST).resolve(),
-                                   retrain=retrain, progress=progress)
+        models = obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
+                                     resolve=setup.resolve, cache=cache, retrain=retrain,
+                                     progress=progress)
     except SaliencyCheckError as exc:  # its checkpoints are config fields: name the file
         raise type(exc)(f"{setup.source.name}: {exc}") from None
+    trained = [Path(m["source"]) for m in models.as_json().get("models", [])
+               if not m.get("cached") and cache in Path(m["source"]).resolve().parents]
+    OutputFolder(setup.output_dir).record(
+        [path for model in trained for path in (model, model.with_suffix(".json"))])
+    return models
 
 
 def precision_fidelity(setup: RunSetup) -> dict[str, float]:
@@ -244,13 +312,16 @@ def precision_fidelity(setup: RunSetup) -> dict[str, float]:
 
 
 def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
-                  timings: dict[str, float]) -> RunResult:
-    """Write report.csv, summary.csv, stages.csv, figures and run.json from the store."""
+                  timings: dict[str, float],
+                  interrupted: BaseException | None = None) -> RunResult:
+    """Write report.csv, summary.csv, stages.csv, figures and run.json from the store, as a
+    set: the earlier report's files are removed first and run.json is written last, so a
+    failure or an interrupt part way leaves a folder without run.json, i.e. without a report.
+    ``interrupted``: the interrupt that stopped the units (the report is then partial)."""
     started = time.perf_counter()
     out = setup.output_dir
-    # run.json is written last: while it is absent the folder holds no complete report, so
-    # a failure part way (a full disk) cannot leave an earlier run's report passing for this
-    (out / RUN_JSON).unlink(missing_ok=True)
+    remove_report(store)
+    store.folder.reserve(report_outputs(setup))
     stored = store.load()
     context = store.context()
     fidelity = context.get("fidelity") or {}
@@ -263,11 +334,9 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     write_summary(out / "summary.csv", summary)
     write_stages(out / "stages.csv", setup.stages, stored.stages, setup.stage_names)
     write_skipped(out / "skipped.csv", stored.skipped)
-    # Every output is rewritten from the store: nothing of an earlier run in this folder
-    # (figures of other images, verdicts of thresholds since removed) may pass for this one's.
-    shutil.rmtree(out / "figures", ignore_errors=True)
+    written = [out / name for name in ("report.csv", "summary.csv", "stages.csv", "skipped.csv")]
     if setup.config.output.figures and rows:
-        write_figures(setup, store, summary)
+        written += write_figures(setup, store, summary)
     final_stage = setup.final_stage
     invalid = ({LABEL_TEST: f"invalid test: {label_randomization['reason']}"}
                if label_randomization and not label_randomization["valid"] else {})
@@ -281,16 +350,22 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
         verdicts += completeness_verdicts(summary, setup.config.tests.completeness.tolerance,
                                           level=runtime.ci_level)
     failures = gate_failures(verdicts, setup.config.fail_on)
-    (out / "verdicts.csv").unlink(missing_ok=True)
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)
+        written.append(out / "verdicts.csv")
         if setup.config.output.figures:
             verdict_heatmap(out / "figures" / "verdicts.png", verdicts,
                             level=setup.config.runtime.ci_level)
+            written.append(out / "figures" / "verdicts.png")
+    store.folder.record(written)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / RUN_JSON, timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
-                   label_randomization=label_randomization, input_invariance=invariance)
+                   label_randomization=label_randomization, input_invariance=invariance,
+                   report_files=sorted(store.folder.relative(path) for path in written),
+                   interrupted=interrupted)
+    store.folder.record([out / RUN_JSON])
+    store.folder.settle()
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
                      precision=setup.context.precision, fidelity=fidelity,
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
@@ -313,8 +388,11 @@ def invariance_check(setup: RunSetup, observations: list) -> dict | None:
             "logit_relative_l2": change, "valid": not reason, "reason": reason}
 
 
-def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]) -> None:
+def write_figures(setup: RunSetup, store: ResultStore,
+                  summary: list[SummaryRow]) -> list[Path]:
+    """Every figure of the report; returns their paths."""
     figures = setup.output_dir / "figures"
+    written: list[Path] = []
     maps = store.figure_maps()
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
@@ -325,28 +403,36 @@ def write_figures(setup: RunSetup, store: ResultStore, summary: list[SummaryRow]
         for image in images:
             grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
                     if figure_key(image, test, m.label) in maps}
-            stage_grid(figures / safe_name(image) / f"{test}.png", by_id[image].display, grid,
-                       names,
+            written.append(figures / safe_name(image) / f"{test}.png")
+            stage_grid(written[-1], by_id[image].display, grid, names,
                        title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
         metrics = [ENTROPY_RISE] if test == ENTROPY_TEST else list(setup.config.metrics)
         if test in BAR_TESTS:  # alternatives to compare, not a sequence
-            comparison_bars(figures / f"bars_{test}.png", summary, test, metrics,
+            written.append(figures / f"bars_{test}.png")
+            comparison_bars(written[-1], summary, test, metrics,
                             title=TITLES[test], ylabel="rise over the trained map's entropy"
                             if test == ENTROPY_TEST else "similarity to trained map",
                             methods=[m.label for m in setup.methods],
                             level=setup.config.runtime.ci_level)
         else:  # the floor compares plain maps: not sMPRT's averaged ones
-            similarity_curves(figures / f"curves_{test}.png", summary, test, metrics,
+            written.append(figures / f"curves_{test}.png")
+            similarity_curves(written[-1], summary, test, metrics,
                               floors=floors if test in FLOOR_TESTS else {},
                               level=setup.config.runtime.ci_level)
+    return written
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
                    units_total: int, skipped: list[tuple[str, str]],
                    fidelity: dict[str, float], label_randomization: dict | None = None,
-                   input_invariance: dict | None = None) -> None:
-    """The resolved config, versions, device, timings, skipped images, and what was run."""
+                   input_invariance: dict | None = None, report_files: list[str] = (),
+                   interrupted: BaseException | None = None) -> None:
+    """The resolved config, versions, device, timings, skipped images, and what was run;
+    ``complete`` is true when every planned unit is in the report."""
     info = {
+        "complete": units_done == units_total,
+        "interrupted_by": (None if interrupted is None else
+                           "SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT"),
         "config_file": str(setup.source),
         "config": setup.config.model_dump(mode="json"),
         "config_sha256": config_sha256(setup),
@@ -378,6 +464,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "input_invariance": input_invariance,
         "units_done": units_done,
         "units_total": units_total,
+        "report_files": list(report_files),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     atomic_write_text(path, json.dumps(info, indent=2, default=_json_default))

@@ -22,6 +22,7 @@ from saliencycheck.data import (
     discover_images,
     image_ids,
     load_images,
+    printable,
     read_labels,
 )
 from saliencycheck.errors import (
@@ -47,6 +48,7 @@ from saliencycheck.models import (
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage, find_blocks, plan_stages
 from saliencycheck.runner.memory import auto_chunk_size, cap_device_memory
+from saliencycheck.runner.ownership import check_apart
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 
 TESTS = ("cascading", "independent")
@@ -199,12 +201,14 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
     """
     try:
         setup = _prepare(loaded)
+        check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
+                    [ref.path for ref in setup.images], field="output.dir")
         check_verdict_rules(setup)
         if probe_methods:
             probe(setup)
             check_label_checkpoints(setup)
-    except SaliencyCheckError as exc:
-        raise type(exc)(f"{loaded.source.name}: {exc}") from None
+    except SaliencyCheckError as exc:  # the cause (user code's traceback) stays for error.log
+        raise type(exc)(f"{loaded.source.name}: {exc}") from exc.__cause__
     return setup
 
 
@@ -241,7 +245,8 @@ def first_readable(images: list[ImageRef], pre: Preprocessing, count: int = 1
     if not found:
         why = f": {first_skipped[0].reason}" if first_skipped else ""
         raise DataError(f"images.path: none of the {len(images)} images could be read "
-                        f"(first: {images[0].path}{why}); check the files and images.path")
+                        f"(first: {printable(images[0].path)}{why}); check the files and "
+                        "images.path")
     return found
 
 
@@ -279,6 +284,25 @@ def check_label_checkpoints(setup: RunSetup) -> None:
         if raw is not None:
             load_checkpoint(copy.deepcopy(setup.model), setup.resolve(raw),
                             field=f"tests.label_randomization.{field}")
+
+
+def check_logits(output: object) -> None:
+    """The model's forward must return the ``(N, classes)`` logits tensor that every method
+    differentiates; a tuple, dict or model-output object is refused with the fix."""
+    if isinstance(output, torch.Tensor):
+        if output.ndim != 2:
+            raise ModelError(f"model: its forward returned a tensor of shape "
+                             f"{tuple(output.shape)}, not (N, classes) logits; wrap the model "
+                             "so forward returns the (N, classes) logits tensor")
+        return
+    what = type(output).__name__
+    if isinstance(output, dict):
+        what += f" (keys {', '.join(map(repr, list(output)[:6]))})"
+    elif isinstance(output, (tuple, list)):
+        what += f" ({len(output)} values)"
+    hint = "; e.g. return model(x).logits" if hasattr(output, "logits") else ""
+    raise ModelError(f"model: its forward returned {what}, not a logits tensor; wrap the model "
+                     f"so forward returns the (N, classes) logits tensor{hint}")
 
 
 def _prepare(loaded: LoadedConfig) -> RunSetup:
@@ -319,6 +343,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
             f"model: forward pass failed on a {pre.size}x{pre.size} image "
             f"({first_line(exc)[:160]}); check images.size and the model"
         ) from None
+    check_logits(logits)
     if not logits.isfinite().all():
         raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
                          "so every map and score would be undefined; check model.weights and "
@@ -327,8 +352,12 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
     target = config.images.target
     if isinstance(target, int) and target >= num_classes:
         raise ConfigError(f"images.target: class {target} out of range for {num_classes} classes")
-    if labels and max(labels.values()) >= num_classes:
-        raise DataError(f"images.labels: a label exceeds the model's {num_classes} classes")
+    wrong = next(((i, label) for i, label in (labels or {}).items()
+                  if not 0 <= label < num_classes), None)
+    if wrong is not None:
+        raise DataError(f"images.labels: image {wrong[0]!r} has label {wrong[1]}, out of range "
+                        f"for the model's {num_classes} classes (0 to {num_classes - 1}); fix "
+                        "the label or model.num_classes")
 
     methods = with_default_layers(methods, model, example)
     tests = config.tests
