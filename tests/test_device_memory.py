@@ -93,3 +93,22 @@ def test_prepare_caps_the_device_and_sizes_chunks_to_the_cap(
     prepared = prepare(load_config(project / "config.yaml", ["runtime.device_memory_gib=3"]))
     assert calls == [("cap", "cpu", 3.0), ("chunk", 3 * GIB)]
     assert prepared.context.chunk_size == 5
+
+
+def test_fp32_turns_tf32_off_while_computing_and_restores_the_users_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from saliencycheck.fp32 import exact_fp32
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32"  # the user's choice
+    try:
+        with pytest.raises(RuntimeError, match="inside"), exact_fp32():
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+            raise RuntimeError("inside")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        with exact_fp32(enabled=False):  # bf16/fp16 runs keep the user's settings
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before

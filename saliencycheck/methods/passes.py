@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from saliencycheck.errors import MethodError
 from saliencycheck.eval_norm import EvalBatchNormMode
+from saliencycheck.fp32 import exact_fp32
 from saliencycheck.methods.base import (
     AttributionContext,
     check_call,
@@ -241,14 +242,15 @@ def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
     total = sum(len(stages) * s.source.count for selected in families.values()
                 for s in _segments(selected[0]).values())
     wanted = {stage.logits.key for stage in stages if stage.logits is not None}
-    for family, selected in families.items():
-        if selected[0]:
-            keys = {r.source.key for r in selected[0]}
-            _run_family(stages, family, selected, size=size, precision=context.precision,
-                        affine_stem=context.affine_stem, keep_logits=bool(wanted & keys),
-                        trace=trace, progress=(lambda rows: progress(rows / total))
-                        if progress else None)
-            wanted -= keys  # one family's forward is enough: the ReLU rules change no forward
+    with exact_fp32(context.precision == "fp32"):
+        for family, selected in families.items():
+            if selected[0]:
+                keys = {r.source.key for r in selected[0]}
+                _run_family(stages, family, selected, size=size, precision=context.precision,
+                            affine_stem=context.affine_stem, keep_logits=bool(wanted & keys),
+                            trace=trace, progress=(lambda rows: progress(rows / total))
+                            if progress else None)
+                wanted -= keys  # one family's forward is enough: the ReLU rules change none
     return size
 
 

@@ -17,6 +17,7 @@ from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images, safe_name
 from saliencycheck.errors import MethodError
+from saliencycheck.fp32 import exact_fp32
 from saliencycheck.host_memory import reused_host_memory
 from saliencycheck.invariance import compensated, compensation_failure, pixel_shift
 from saliencycheck.label_training import LabelModels
@@ -166,7 +167,9 @@ class UnitExecutor:
     def run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
         """One unit's scores, keeping freed host memory for the next pass while it runs
         (``runtime.reuse_host_memory``; every backend runs its units through here)."""
-        with reused_host_memory(self.setup.config.runtime.reuse_host_memory):
+        runtime = self.setup.config.runtime
+        with reused_host_memory(runtime.reuse_host_memory), \
+                exact_fp32(runtime.precision == "fp32"):  # the logits and scores too
             return self._run(unit, progress)
 
     def _run(self, unit: WorkUnit, progress: ProgressCallback) -> UnitResult:
