@@ -44,10 +44,17 @@ if str(REPO) not in sys.path:  # `benchmarks.models:...` factories and this pack
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.memory import gpu_busy  # noqa: E402
 from benchmarks.memory import measure as measure_memory  # noqa: E402
 from benchmarks.memory import table as memory_table  # noqa: E402
 from benchmarks.naive import naive_maps  # noqa: E402
-from benchmarks.workloads import Workload, prepare_images, workload_a, workload_b  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    Workload,
+    prepare_images,
+    workload_a,
+    workload_b,
+    workload_c,
+)
 from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
 from saliencycheck.data import load_images  # noqa: E402
 from saliencycheck.host_memory import reused_host_memory  # noqa: E402
@@ -66,6 +73,8 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "Quantus not
 
 CONTENDERS = ("saliencycheck", "quantus", "naive", "minimal")
 TARGETS_A = {"quantus": 1 / 1.5, "naive": 0.8, "minimal": 1.1}  # saliencycheck / contender
+TARGETS_GPU = {"quantus": 1 / 5, "minimal": 1.2}  # workload (b) on a GPU, and:
+TARGET_BUSY = 0.85  # the share of saliencycheck's run the GPU spends in kernels
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,6 +142,7 @@ class CaseResult:
     quantus_same_order: bool | None = None
     agreement: dict | None = None
     sc_timings: dict | None = None
+    gpu_busy: dict[str, float] = dataclasses.field(default_factory=dict)  # contender -> share
 
     def best(self, contender: str) -> float | None:
         values = self.times.get(contender)
@@ -226,8 +236,9 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 quantus_methods = qd.quantus_methods(setup.methods, mean=mean, std=std,
                                                      size=workload.size, chunk_size=chunk)
                 if workload.stage_limit:
-                    quantus_note = (f"Quantus ran all its {q_layers} layers (cannot be "
-                                    f"truncated); the others ran {len(stages)} stages")
+                    quantus_note = (f"every contender ran the first {len(stages)} stages "
+                                    f"(Quantus: its first {len(stages)} of {q_layers} layers, "
+                                    "its layer generator cut there)")
         if q_layers is not None:
             log(f"  Quantus randomizes {q_layers} modules"
                 + ("" if same_order is None else
@@ -242,7 +253,8 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 synchronize(device)
                 method_start = time.perf_counter()
                 scores = qd.run_mprt(setup.model, x_np, y_np, qm, device=str(device),
-                                     batch_size=workload.batch_size, with_ssim=with_ssim)
+                                     batch_size=workload.batch_size, with_ssim=with_ssim,
+                                     layers=len(stages) if workload.stage_limit else None)
                 synchronize(device)
                 q_method_times[qm.label].append(time.perf_counter() - method_start)
                 quantus_scores[qm.label] = scores
@@ -287,6 +299,10 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
             prepare_s=prepare_s, times=times, others=others, quantus_method_times=q_method_times,
             quantus_layers=q_layers, quantus_note=quantus_note, quantus_same_order=same_order,
             sc_timings={k: v for k, v in sc_timings.items() if k != "summary"})
+        if device.type == "cuda":  # one more run of each, under the profiler
+            for name in ("saliencycheck", "minimal"):
+                result.gpu_busy[name] = gpu_busy(runners[name], device)
+            log("  GPU busy: " + ", ".join(f"{k} {v:.0%}" for k, v in result.gpu_busy.items()))
         if agreement:
             warnings.filterwarnings("ignore", module="captum")
             start = time.perf_counter()
@@ -434,19 +450,46 @@ def fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
 
 def summary_table(results: list[CaseResult]) -> list[str]:
     head = ("| workload | granularity | stages | saliencycheck s | Quantus s | naive s | "
-            "minimal s | sc/Quantus | sc/naive | sc/minimal |")
-    lines = [head, "|" + "---|" * 10]
+            "minimal s | sc/Quantus | sc/naive | sc/minimal | GPU busy (sc, minimal) |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
+        busy = ", ".join(f"{r.gpu_busy[k]:.0%}" for k in ("saliencycheck", "minimal")
+                         if k in r.gpu_busy) or "n/a"
         lines.append(
             f"| {r.workload.key} | {r.granularity} | {r.stages} | "
             f"{fmt(r.best('saliencycheck'))} | {fmt(r.best('quantus'))} | "
             f"{fmt(r.best('naive'))} | {fmt(r.best('minimal'))} | {fmt(r.ratio('quantus'))} | "
-            f"{fmt(r.ratio('naive'))} | {fmt(r.ratio('minimal'))} |")
+            f"{fmt(r.ratio('naive'))} | {fmt(r.ratio('minimal'))} | {busy} |")
+    return lines
+
+
+def gpu_target_lines(results: list[CaseResult]) -> list[str]:
+    """The GPU targets, per case of workload (b) run on CUDA (reported, never asserted)."""
+    lines = []
+    for r in results:
+        if r.workload.key != "b" or not r.device.startswith("cuda"):
+            continue
+        where = f"(b)/{r.granularity}, {r.stages} stages"
+        for text, contender in (("at least 5× faster than Quantus", "quantus"),
+                                ("within 1.2× of minimal bare compute", "minimal")):
+            ratio = r.ratio(contender)
+            if ratio is None:
+                lines.append(f"- {where}: {text}: not measured"
+                             + (f" ({r.quantus_note})" if contender == "quantus" else ""))
+                continue
+            met = ratio <= TARGETS_GPU[contender] + 1e-12
+            lines.append(f"- {where}: {text}: saliencycheck/{contender} = {ratio:.3f} → "
+                         f"**{'met' if met else 'NOT met'}**")
+        busy = r.gpu_busy.get("saliencycheck")
+        if busy is not None:
+            lines.append(f"- {where}: GPU busy ≥ {TARGET_BUSY:.0%} of saliencycheck's run: "
+                         f"{busy:.0%} → **{'met' if busy >= TARGET_BUSY else 'NOT met'}** "
+                         f"(bare compute: {r.gpu_busy.get('minimal', float('nan')):.0%})")
     return lines
 
 
 def target_lines(results: list[CaseResult]) -> list[str]:
-    lines = []
+    lines = gpu_target_lines(results)
     for r in results:
         if r.workload.key != "a" or r.workload.stage_limit:
             continue
@@ -505,7 +548,8 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
     lines += ["", "## Wall time", ""] + summary_table(results) + [""]
     targets = target_lines(results)
     if targets:
-        lines += ["Targets of the issue for workload (a), fp32 (reported, never asserted):", ""]
+        lines += ["Targets of the issues, fp32 (reported, never asserted): workload (a) on the "
+                  "CPU; workload (b) on a GPU.", ""]
         lines += targets + [""]
     lines += ["## Every run", "",
               "Wall seconds of each timed run, in the order they ran (contenders interleaved "
@@ -639,7 +683,13 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("a", "b", "all"), default="all")
+    parser.add_argument("--workload", choices=("a", "b", "c", "all"), default="all",
+                        help="a: digits ResNet-18 (CPU); b: ResNet-50; c: ViT-B/16; all")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images of workloads b and c on a GPU (default 64)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="on a GPU, run only the first N stages of each case of workloads "
+                        "b and c, every contender alike (Quantus too), to fit a time budget")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     parser.add_argument("--repeat", type=int, default=2,
                         help="timed runs per contender; the minimum is reported (default 2)")
@@ -667,7 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload in ("a", "all"):
         workloads.append(workload_a(quick=args.quick))
     if args.workload in ("b", "all"):
-        workloads.append(workload_b(gpu=gpu, quick=args.quick))
+        workloads.append(workload_b(gpu=gpu, quick=args.quick, images=args.images,
+                                    stages=args.stages))
+    if args.workload in ("c", "all"):
+        workloads.append(workload_c(gpu=gpu, quick=args.quick, images=args.images,
+                                    stages=args.stages))
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -691,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
                         reuse_host_memory=reuse, log=log))
                 except Exception:  # noqa: BLE001 - report and go on with the other cases
                     log(f"[{workload.key}/{granularity}] failed:\n{traceback.format_exc()}")
+                if output is not None:  # what is measured so far, should the run be cut off
+                    env["load_end"] = os.getloadavg()
+                    write_report(output, results, env, argv, time.perf_counter() - started)
     memory = None
     if not (args.quick or args.no_memory):
         memory = measure_memory([8, 64], str(device), args.device_memory_gib)

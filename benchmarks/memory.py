@@ -98,14 +98,20 @@ def child(images: int, device: str, budget_gib: float | None) -> dict:
 
 def _gpu_busy(setup, run_check) -> float:
     """Kernel time over wall time of one profiled run (a lower bound: the profiler slows it)."""
+    return gpu_busy(lambda: run_check(setup), setup.device)
+
+
+def gpu_busy(fn, device) -> float:  # noqa: ANN001
+    """The share of ``fn()``'s wall time the GPU spends in kernels, from one run under the
+    torch profiler (a lower bound: the profiler's own overhead lengthens the run)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize(setup.device)
+    torch.cuda.synchronize(device)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run_check(setup)
-        torch.cuda.synchronize(setup.device)
+        fn()
+        torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     kernel_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
                     for e in prof.key_averages())

@@ -17,7 +17,9 @@ saliencycheck does; a user with two ``MPRT`` calls would pay the explanations tw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,15 +126,37 @@ class SpearmanAndSSIM:
 
 
 def run_mprt(model: nn.Module, x: np.ndarray, y: np.ndarray, qm: QuantusMethod, *,
-             device: str, batch_size: int, with_ssim: bool) -> dict[str, list[float]]:
-    """One Quantus MPRT call (cascading, top-down); ``{layer name: per-image Spearman}``."""
+             device: str, batch_size: int, with_ssim: bool,
+             layers: int | None = None) -> dict[str, list[float]]:
+    """One Quantus MPRT call (cascading, top-down); ``{layer name: per-image Spearman}``.
+    ``layers``: stop after the first that many layers (the other contenders run as many)."""
     similarity = SpearmanAndSSIM() if with_ssim else quantus.similarity_func.correlation_spearman
     metric = quantus.MPRT(similarity_func=similarity, layer_order="top_down", seed=42,
                           return_aggregate=False, disable_warnings=True,
                           display_progressbar=False)
-    return metric(model=model, x_batch=x, y_batch=y, a_batch=None, channel_first=True,
-                  explain_func=qm.explain_func, explain_func_kwargs=dict(qm.kwargs),
-                  device=device, batch_size=batch_size)
+    with first_layers(layers):
+        return metric(model=model, x_batch=x, y_batch=y, a_batch=None, channel_first=True,
+                      explain_func=qm.explain_func, explain_func_kwargs=dict(qm.kwargs),
+                      device=device, batch_size=batch_size)
+
+
+@contextmanager
+def first_layers(limit: int | None) -> Iterator[None]:
+    """Quantus's MPRT randomizes the layers its model wrapper's generator yields; with a
+    ``limit``, the generator ends after the first ``limit`` (Quantus has no such option)."""
+    if limit is None:
+        yield
+        return
+    original = PyTorchModel.get_random_layer_generator
+
+    def limited(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return itertools.islice(original(self, *args, **kwargs), limit)
+
+    PyTorchModel.get_random_layer_generator = limited
+    try:
+        yield
+    finally:
+        PyTorchModel.get_random_layer_generator = original
 
 
 def quantus_layers(model: nn.Module) -> list[str]:

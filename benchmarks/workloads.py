@@ -29,7 +29,7 @@ class Workload:
     batch_size: int = 8
     chunk_size: int = 128
     image_source: str = "digits"  # "digits" or "photos" (variants generated in a temp folder)
-    stage_limit: int | None = None  # --quick only: the first stages of each test
+    stage_limit: int | None = None  # the first stages of each case, for every contender
     notes: list[str] = field(default_factory=list)
 
     def config(self, *, granularity: str, device: str, images_path: Path, output_dir: Path,
@@ -54,7 +54,8 @@ class Workload:
 
     def describe(self) -> str:
         names = ", ".join(_method_text(m) for m in self.methods)
-        limit = f", first {self.stage_limit} stages only" if self.stage_limit else ""
+        limit = (f", the first {self.stage_limit} stages of each granularity (every "
+                 "contender)" if self.stage_limit else "")
         return (f"{self.model.get('factory') or self.model['name']}, {self.size}×{self.size}, "
                 f"{self.images} images, methods: {names}; cascading top-down, "
                 f"granularity {' and '.join(self.granularities)}{limit}; metrics "
@@ -73,6 +74,8 @@ DIGITS_MODEL = {"name": "resnet18", "factory": "saliencycheck.zoo:digits_resnet1
                 "num_classes": 10}
 RESNET50_MODEL = {"name": "resnet50", "factory": "benchmarks.models:resnet50_seeded",
                   "num_classes": 1000}
+VIT_MODEL = {"name": "vit_b_16", "factory": "benchmarks.models:vit_b_16_seeded",
+             "num_classes": 1000}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -87,8 +90,11 @@ def workload_a(*, quick: bool = False) -> Workload:
         granularities=("layer",), stage_limit=3 if quick else None)
 
 
-def workload_b(*, gpu: bool, quick: bool = False) -> Workload:
-    """(b) resnet50, six methods; full size on a GPU, reduced on the CPU (block only)."""
+def workload_b(*, gpu: bool, quick: bool = False, images: int | None = None,
+               stages: int | None = None) -> Workload:
+    """(b) resnet50, six methods; full size on a GPU, reduced on the CPU (block only).
+    ``images`` and ``stages`` shrink the GPU run to fit a time budget (every contender alike;
+    benchmarks/gpu_check.sh)."""
     steps = 4 if quick else 32
     methods = ["gradient", "gradient_x_input",
                {"name": "integrated_gradients", "steps": steps, "baseline": "black"},
@@ -96,9 +102,9 @@ def workload_b(*, gpu: bool, quick: bool = False) -> Workload:
                "guided_backprop", "gradcam"]
     if gpu and not quick:
         return Workload(key="b", title="(b) GPU workload: ResNet-50", model=RESNET50_MODEL,
-                        images=64, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        images=images or 64, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                         methods=methods, granularities=("block", "layer"), batch_size=32,
-                        image_source="photos")
+                        image_source="photos", stage_limit=stages)
     return Workload(
         key="b", title="(b) ResNet-50, reduced for the CPU", model=RESNET50_MODEL,
         images=1 if quick else 2, size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -107,6 +113,28 @@ def workload_b(*, gpu: bool, quick: bool = False) -> Workload:
         notes=["Reduced on the CPU: 64×64 instead of 224×224, 2 images instead of 64, block "
                "granularity only (19 stages; layer granularity has 107), hence no Quantus column: "
                "Quantus has no block granularity."])
+
+
+def workload_c(*, gpu: bool, quick: bool = False, images: int | None = None,
+               stages: int | None = None) -> Workload:
+    """(c) ViT-B/16 at 224×224 with gradient, IG-32 and SmoothGrad-32, layer granularity (the
+    granularity Quantus has): every contender randomizes the same number of modules, top-down.
+    On the CPU: 2 images, the first 3 stages."""
+    steps = 4 if quick or not gpu else 32
+    methods = ["gradient", {"name": "integrated_gradients", "steps": steps, "baseline": "black"},
+               {"name": "smoothgrad", "samples": steps, "noise": 0.15}]
+    full = gpu and not quick
+    return Workload(
+        key="c", title="(c) ViT-B/16" + ("" if full else ", reduced for the CPU"),
+        model=VIT_MODEL, images=(images or 64) if full else 1 if quick else 2, size=224,
+        mean=(0.5,) * 3, std=(0.5,) * 3, methods=methods, granularities=("layer",),
+        batch_size=32 if full else 2, image_source="photos",
+        stage_limit=stages if full else 2 if quick else 3,
+        notes=["Quantus randomizes the modules that have `reset_parameters` (it skips ViT's "
+               "attention in-projections, position embedding and class token); saliencycheck's "
+               "layer granularity randomizes every module with parameters. Both run the same "
+               "number of randomized models over the same images, so the passes are the same "
+               "work; which weights each stage changes differs (the ResNets' lists are equal)."])
 
 
 def prepare_images(workload: Workload, folder: Path) -> Path:
