@@ -11,20 +11,17 @@ The CI gate fails when a method listed in ``fail_on`` fails.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
+from saliencycheck.atomic import atomic_write_csv
 from saliencycheck.config import FLOOR_TESTS, Threshold
 from saliencycheck.errors import ConfigError
 from saliencycheck.report.tables import CI_LEVEL, FLOOR_TEST
-
-if TYPE_CHECKING:  # the report package imports the runner, which imports this module
-    from saliencycheck.report.tables import SummaryRow
+from saliencycheck.results import SummaryRow
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
 EDGE_TEST = "edge_similarity"  # summary rows of the edge-detector baseline (not a test)
@@ -167,12 +164,7 @@ def check_fail_on(fail_on: str | list[str], methods: list[str]) -> None:
 
 def write_verdicts(path: Path, verdicts: list[Verdict]) -> None:
     """verdicts.csv: one row per method × test with a threshold."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=VERDICT_FIELDS)
-        writer.writeheader()
-        writer.writerows(asdict(v) for v in verdicts)
-    tmp.replace(path)
+    atomic_write_csv(path, VERDICT_FIELDS, [asdict(v) for v in verdicts])
 
 
 def verdicts_json(verdicts: list[Verdict], failures: list[Verdict]) -> str:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from saliencycheck.atomic import atomic_write
+
 DIGITS_TRAIN_COUNT = 1600  # digits [0, 1600) train the model; [1600, 1797) are held out
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
@@ -145,7 +147,6 @@ def digits_resnet18(
     train_classifier(model, inputs[:DIGITS_TRAIN_COUNT], labels[:DIGITS_TRAIN_COUNT],
                      epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: an interrupted training never leaves a half-written cache
+    # atomic: an interrupted training never leaves a half-written cache
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model

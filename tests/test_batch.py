@@ -26,11 +26,12 @@ from typer.testing import CliRunner
 from saliencycheck.atomic import atomic_write, atomic_write_text
 from saliencycheck.cli import app
 from saliencycheck.errors import UsageError
+from saliencycheck.results import ScoreRow
 from saliencycheck.runner import backends
 from saliencycheck.runner.backends import worker_devices
 from saliencycheck.runner.plan import plan_units
 from saliencycheck.runner.shards import Shard, parse_shard, shard_from_env
-from saliencycheck.runner.store import ResultStore, ScoreRow, UnitResult
+from saliencycheck.runner.store import ResultStore, UnitResult
 from tests.test_cli import tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from saliencycheck.cli import app
-from saliencycheck.runner.store import ROW_FIELDS
+from saliencycheck.results import ROW_FIELDS
 
 runner = CliRunner()
 

@@ -22,7 +22,7 @@ from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import Threshold, load_config, parse_config
 from saliencycheck.errors import ConfigError
 from saliencycheck.invariance import compensated, first_layer, pixel_shift
-from saliencycheck.report.tables import SummaryRow
+from saliencycheck.results import SummaryRow
 from saliencycheck.verdicts import FAIL, PASS, decide
 from tests.test_cli import tiny_cnn
 
@@ -304,7 +304,7 @@ def test_summary_carries_the_floor_next_to_each_score(project) -> None:
 
 def test_compare_knows_which_scores_must_stay_high(tmp_path: Path) -> None:
     from saliencycheck.compare import compare_runs
-    from saliencycheck.report.tables import SUMMARY_FIELDS
+    from saliencycheck.results import SUMMARY_FIELDS
 
     def run(folder: str, means: dict[tuple[str, str], float]) -> Path:
         out = tmp_path / folder

@@ -24,9 +24,9 @@ from saliencycheck.config import (
 )
 from saliencycheck.metrics import ssim
 from saliencycheck.postprocess import PostprocessOptions, absolute, min_max, signed
-from saliencycheck.report.tables import FLOOR_TEST, SummaryRow, bootstrap_interval, summarize
+from saliencycheck.report.tables import FLOOR_TEST, bootstrap_interval, summarize
+from saliencycheck.results import ScoreRow, SummaryRow
 from saliencycheck.runner.setup import LABEL_TEST, RunSetup
-from saliencycheck.runner.store import ScoreRow
 from saliencycheck.verdicts import (
     FAIL,
     INVALID,

@@ -18,7 +18,7 @@ from saliencycheck.cli import app
 from saliencycheck.compare import compare_runs
 from saliencycheck.config import Threshold
 from saliencycheck.errors import ConfigError
-from saliencycheck.report.tables import SummaryRow
+from saliencycheck.results import SummaryRow
 from saliencycheck.verdicts import (
     FAIL,
     INVALID,

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from saliencycheck.report.tables import SummaryRow  # noqa: E402
+from saliencycheck.results import SummaryRow  # noqa: E402
 from saliencycheck.verdicts import interval_text  # noqa: E402
 
 MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]

@@ -2,53 +2,30 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
+from saliencycheck.atomic import atomic_write_csv
 from saliencycheck.config import FLOOR_TESTS, RuntimeConfig
 from saliencycheck.randomization import Stage
-from saliencycheck.runner.store import ROW_FIELDS, ScoreRow, StageObservation
+from saliencycheck.results import (
+    ROW_FIELDS,
+    STAGE_FIELDS,
+    SUMMARY_FIELDS,
+    ScoreRow,
+    StageObservation,
+    SummaryRow,
+)
 
-SUMMARY_FIELDS = ("method", "test", "stage_index", "stage", "metric", "mean", "std",
-                  "ci_low", "ci_high", "n", "n_undefined", "floor", "above_floor")
 FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
 # The bootstrap's defaults are the config's (runtime.ci_level, bootstrap, seed), not copies.
 CI_LEVEL: float = RuntimeConfig.model_fields["ci_level"].default
 RESAMPLES: int = RuntimeConfig.model_fields["bootstrap"].default
 SEED: int = RuntimeConfig.model_fields["seed"].default
-STAGE_FIELDS = ("test", "stage_index", "stage", "blocks_randomized", "parameters_randomized",
-                "num_parameters", "fraction_randomized", "logit_relative_l2", "top1_agreement")
-
-
-@dataclass(frozen=True)
-class SummaryRow:
-    method: str
-    test: str
-    stage_index: int
-    stage: str
-    metric: str
-    mean: float
-    std: float
-    ci_low: float
-    ci_high: float
-    n: int
-    n_undefined: int
-    floor: float = math.nan  # the random-network floor's mean for this method and metric
-    above_floor: float = math.nan  # mean − floor: how far above unrelated networks it stays
-
-
-def _write(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def sort_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
@@ -59,7 +36,7 @@ def sort_rows(rows: list[ScoreRow]) -> list[ScoreRow]:
 
 def write_report(path: Path, rows: list[ScoreRow]) -> None:
     """report.csv: one row per image × method × test × stage × metric."""
-    _write(path, ROW_FIELDS, [asdict(r) for r in sort_rows(rows)])
+    atomic_write_csv(path, ROW_FIELDS, [asdict(r) for r in sort_rows(rows)])
 
 
 def bootstrap_interval(values: np.ndarray, *, level: float = CI_LEVEL,
@@ -124,7 +101,7 @@ def with_floor(summary: list[SummaryRow]) -> list[SummaryRow]:
 
 
 def write_summary(path: Path, summary: list[SummaryRow]) -> None:
-    _write(path, SUMMARY_FIELDS, [asdict(s) for s in summary])
+    atomic_write_csv(path, SUMMARY_FIELDS, [asdict(s) for s in summary])
 
 
 def write_stages(path: Path, stages: dict[str, list[Stage]],
@@ -162,12 +139,12 @@ def write_stages(path: Path, stages: dict[str, list[Stage]],
                          "blocks_randomized": "", "parameters_randomized": "",
                          "num_parameters": 0, "fraction_randomized": 0.0,
                          "logit_relative_l2": l2 / n, "top1_agreement": top1 / n})
-    _write(path, STAGE_FIELDS, rows)
+    atomic_write_csv(path, STAGE_FIELDS, rows)
     return rows
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     """skipped.csv: every image that could not be used, with the reason (header only when
     none was skipped, so a CI job can always read it)."""
-    _write(path, ("path", "reason"),
+    atomic_write_csv(path, ("path", "reason"),
            [{"path": image, "reason": reason} for image, reason in sorted(skipped)])

@@ -34,6 +34,7 @@ from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute, reduce_channels, sobel_magnitude
 from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, block_seed, logit_change
+from saliencycheck.results import ScoreRow, StageObservation
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import (
     EDGE_STAGE,
@@ -48,7 +49,7 @@ from saliencycheck.runner.setup import (
     TRAINED,
     RunSetup,
 )
-from saliencycheck.runner.store import ScoreRow, StageObservation, UnitResult
+from saliencycheck.runner.store import UnitResult
 from saliencycheck.verdicts import (
     COMPLETENESS_METRIC,
     COMPLETENESS_TEST,

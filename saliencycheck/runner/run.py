@@ -32,13 +32,13 @@ from saliencycheck.report.figures import (
     verdict_heatmap,
 )
 from saliencycheck.report.tables import (
-    SummaryRow,
     summarize,
     write_report,
     write_skipped,
     write_stages,
     write_summary,
 )
+from saliencycheck.results import SummaryRow
 from saliencycheck.runner.backends import choose_backend
 from saliencycheck.runner.executor import UNCHANGED_NOTE, figure_key, safe_name
 from saliencycheck.runner.lock import FolderLock

@@ -18,39 +18,9 @@ import numpy as np
 
 from saliencycheck.atomic import TMP_SUFFIX, atomic_write, atomic_write_text
 from saliencycheck.errors import StoreError
+from saliencycheck.results import ScoreRow, StageObservation
 from saliencycheck.runner.ownership import OutputFolder
 from saliencycheck.runner.plan import fingerprint
-
-ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
-              "metric", "value", "note", "repeat")
-
-
-@dataclass(frozen=True)
-class ScoreRow:
-    """One similarity score: image × method × test × stage × metric (tidy data)."""
-
-    image: str
-    target: int
-    target_explained: int
-    method: str
-    test: str
-    stage_index: int
-    stage: str
-    metric: str
-    value: float
-    note: str = ""
-    repeat: int = 0  # which of runtime.repeats randomization seeds (0 for the trained model)
-
-
-@dataclass(frozen=True)
-class StageObservation:
-    """Per unit and stage: how much the logits moved (summed so units can be pooled)."""
-
-    test: str
-    stage_index: int
-    n: int
-    relative_l2_sum: float
-    top1_agreement_sum: float
 
 
 @dataclass(frozen=True)
