@@ -21,6 +21,8 @@ from pydantic import (
 )
 
 from saliencycheck.errors import ConfigError, first_line
+from saliencycheck.metrics import METRICS
+from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.suggest import did_you_mean, not_one_of
 
 MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
@@ -398,7 +400,8 @@ class TestsConfig(Section):
     )
 
 
-METRIC_NAMES = ("spearman_abs", "spearman", "ssim", "hog", "pearson")
+# The metrics are the registry's (saliencycheck.metrics), in registration order: one list.
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 COMPLETE_METHODS = ("integrated_gradients", "gradient_x_input")  # what completeness checks
 # Tests whose scores compare plain maps, so the random-network floor applies to them.
 FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
@@ -407,19 +410,22 @@ ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained m
 
 class PostprocessConfig(Section):
     abs_reduction: Literal["sum_abs", "abs_sum", "max_abs"] = Field(
-        "sum_abs",
+        PostprocessOptions.abs_reduction,
         description=(
             "Channel reduction of the absolute map (original recipe: sum of absolute values)."
         ),
     )
     signed_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="Channel reduction of the signed (diverging) map."
+        PostprocessOptions.signed_reduction,
+        description="Channel reduction of the signed (diverging) map.",
     )
     percentile: float = Field(
-        99.0, gt=0, le=100, description="Percentile used to scale and clip maps (original: 99)."
+        PostprocessOptions.percentile, gt=0, le=100,
+        description="Percentile used to scale and clip maps (original: 99).",
     )
     ssim_data_range: float = Field(
-        1.0, gt=0, description="SSIM's data range: 1 for maps in [0, 1] (correct); the original "
+        PostprocessOptions.ssim_data_range, gt=0,
+        description="SSIM's data range: 1 for maps in [0, 1] (correct); the original "
         "code left it unset, so scikit-image assumed 2 (preset adebayo2018).",
     )
 
@@ -528,7 +534,7 @@ class Threshold(Section):
     """When a method passes a test: its score at one stage must stay low (randomization
     tests) or high (input invariance, entropy rise) enough."""
 
-    metric: Literal["spearman_abs", "spearman", "ssim", "hog", "pearson", "entropy_rise"] = Field(
+    metric: Literal[(*METRICS, "entropy_rise")] = Field(  # type: ignore[valid-type]
         description="The metric judged (must be listed in metrics; entropy_mprt: entropy_rise)."
     )
     stage: Literal["final"] | Annotated[int, Field(ge=1)] | str = Field(
@@ -615,8 +621,8 @@ class Config(Section):
         description="Attribution methods: names, or {name: ..., <params>} entries.",
     )
     tests: TestsConfig = Field(default_factory=TestsConfig, description="Sanity checks to run.")
-    metrics: list[Literal["spearman_abs", "spearman", "ssim", "hog", "pearson"]] = Field(
-        default_factory=lambda: list(METRIC_NAMES),
+    metrics: list[MetricName] = Field(
+        default_factory=lambda: list(METRICS),
         min_length=1,
         description="Similarity metrics between the trained and randomized models' maps.",
     )

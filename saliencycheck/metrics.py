@@ -212,20 +212,6 @@ def spearman(a: Tensor, b: Tensor) -> Scores:
     return _correlation_against(a, rank=True)(b)
 
 
-@register_metric(
-    "pearson",
-    view="absolute",
-    description="Pearson correlation of the absolute maps.",
-    against=partial(_correlation_against, rank=False),
-)
-def pearson(a: Tensor, b: Tensor) -> Scores:
-    """Pearson correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
-
-    Equals ``scipy.stats.pearsonr``; NaN for a constant or non-finite map.
-    """
-    return _correlation_against(a, rank=False)(b)
-
-
 def _check_images(a: Tensor, b: Tensor) -> None:
     """Check two batches of 2-D maps, (B, H, W), have one shape."""
     if a.shape != b.shape or a.ndim != 3:
@@ -370,6 +356,20 @@ def hog_similarity(a: Tensor, b: Tensor, *, pixels_per_cell: int = 16) -> Scores
     constant descriptor.
     """
     return _hog_against(a, pixels_per_cell=pixels_per_cell)(b)
+
+
+@register_metric(
+    "pearson",
+    view="absolute",
+    description="Pearson correlation of the absolute maps.",
+    against=partial(_correlation_against, rank=False),
+)
+def pearson(a: Tensor, b: Tensor) -> Scores:
+    """Pearson correlation of each pair of flattened maps, (B, ...) x 2 -> (B,).
+
+    Equals ``scipy.stats.pearsonr``; NaN for a constant or non-finite map.
+    """
+    return _correlation_against(a, rank=False)(b)
 
 
 class ReferenceScorer:

@@ -20,14 +20,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from saliencycheck.config import PostprocessConfig
 from saliencycheck.errors import ConfigError
 
 Reduction = Literal["sum_abs", "abs_sum", "max_abs", "sum", "mean"]
 View = Literal["absolute", "signed", "minmax"]
 VIEW_NAMES: tuple[View, ...] = get_args(View)
-# The library's defaults are read from the config's postprocess: section, never copied.
-_DEFAULT = {name: field.default for name, field in PostprocessConfig.model_fields.items()}
 
 
 @dataclass(frozen=True)
@@ -36,15 +33,16 @@ class PostprocessOptions:
 
     ``abs_reduction`` feeds the absolute and min-max views, ``signed_reduction`` the signed
     view; ``percentile`` is the scale point of the absolute and signed views (99 originally);
-    ``ssim_data_range`` is read by the SSIM metric (2: the original code's setting). The
-    defaults are :class:`~saliencycheck.config.PostprocessConfig`'s, so a run configured with
-    defaults and a library call without options compute the same views.
+    ``ssim_data_range`` is read by the SSIM metric (2: the original code's setting). These
+    defaults are written here once: the config's ``postprocess:`` section and the view
+    functions below read them, so a run configured with defaults and a library call without
+    options compute the same views.
     """
 
-    abs_reduction: Reduction = _DEFAULT["abs_reduction"]
-    signed_reduction: Reduction = _DEFAULT["signed_reduction"]
-    percentile: float = _DEFAULT["percentile"]
-    ssim_data_range: float = _DEFAULT["ssim_data_range"]
+    abs_reduction: Reduction = "sum_abs"
+    signed_reduction: Reduction = "sum"
+    percentile: float = 99.0
+    ssim_data_range: float = 1.0
 
 
 def reduce_channels(maps: Tensor, how: Reduction) -> Tensor:
@@ -108,8 +106,8 @@ def _scale(numerator: Tensor, denominator: Tensor, low: float) -> Tensor:
 
 
 def absolute(
-    maps: Tensor, *, reduction: Reduction = _DEFAULT["abs_reduction"],
-    percentile: float = _DEFAULT["percentile"],
+    maps: Tensor, *, reduction: Reduction = PostprocessOptions.abs_reduction,
+    percentile: float = PostprocessOptions.percentile,
 ) -> Tensor:
     """Absolute view, (N, C, H, W) -> (N, H, W) in [0, 1].
 
@@ -123,8 +121,8 @@ def absolute(
 
 
 def signed(
-    maps: Tensor, *, reduction: Reduction = _DEFAULT["signed_reduction"],
-    percentile: float = _DEFAULT["percentile"],
+    maps: Tensor, *, reduction: Reduction = PostprocessOptions.signed_reduction,
+    percentile: float = PostprocessOptions.percentile,
 ) -> Tensor:
     """Signed (diverging) view, (N, C, H, W) -> (N, H, W) in [-1, 1].
 
@@ -134,7 +132,7 @@ def signed(
     return _scale(reduced, per_map_percentile(reduced.abs(), percentile), -1.0)
 
 
-def min_max(maps: Tensor, *, reduction: Reduction = _DEFAULT["abs_reduction"]) -> Tensor:
+def min_max(maps: Tensor, *, reduction: Reduction = PostprocessOptions.abs_reduction) -> Tensor:
     """Min-max view, (N, C, H, W) -> (N, H, W) in [0, 1]: per map ``(x - min) / (max - min)``.
 
     The original code feeds this version to SSIM and HOG.
