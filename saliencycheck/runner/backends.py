@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from saliencycheck.errors import SaliencyCheckError, WorkerError
+from saliencycheck.errors import SaliencyCheckError, UsageError, WorkerError
 from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.executor import UnitExecutor
 from saliencycheck.runner.plan import WorkUnit
@@ -44,11 +44,15 @@ def choose_backend(setup: RunSetup) -> Backend:
     """The backend ``runtime.backend`` names; locally, one worker per GPU when several.
     Chosen before any work, so a missing Ray is reported at once."""
     if setup.config.runtime.backend == "ray":
+        if setup.model_in_memory:
+            raise UsageError("runtime.backend: 'ray' workers build the model from the config's "
+                             "model: section, and this model was handed over in memory; use "
+                             "backend 'local', or a config with model.name or model.factory")
         from saliencycheck.runner.ray_backend import RayBackend
 
         return RayBackend(setup)
     devices = worker_devices(setup.config.runtime.device, torch.cuda.device_count())
-    if len(devices) > 1:
+    if len(devices) > 1 and not setup.model_in_memory:  # workers rebuild it from the config
         return ProcessPool(setup, devices)
     return InProcess(setup)
 

@@ -56,13 +56,16 @@ class OutputFolder:
         self.state = root / STATE_DIR
 
     @classmethod
-    def claim(cls, root: Path, *, force: bool = False, field: str = "output.dir") -> OutputFolder:
+    def claim(cls, root: Path, *, force: bool = False, field: str = "output.dir",
+              change: str | None = None, forcing: str = "pass --force") -> OutputFolder:
         """Take ``root`` as an output folder: create it (and its manifest) when missing or
         empty, accept it when saliencycheck created it, and otherwise refuse it unless
-        ``force``. ``field`` names the setting the user changes (e.g. 'my.yaml: output.dir')."""
+        ``force``. ``field`` names the setting the user changes (e.g. 'my.yaml: output.dir'),
+        ``change`` and ``forcing`` how (default: the CLI's ``-o`` and ``--force``)."""
+        change = change or f"set {field} (or -o)"
         folder = cls(root)
         if root.exists() and not root.is_dir():
-            raise ConfigError(f"{field}: {root} is a file, not a folder; set {field} (or -o) "
+            raise ConfigError(f"{field}: {root} is a file, not a folder; {change} "
                               "to a folder")
         manifest = folder.state / MANIFEST
         if manifest.is_file():
@@ -71,7 +74,7 @@ class OutputFolder:
                 cls.probe(root)
             except OSError as exc:
                 raise ConfigError(f"{field}: cannot write to {root} ({exc.strerror or exc}); "
-                                  f"set {field} (or -o) to a writable folder") from None
+                                  f"{change} to a writable folder") from None
             return folder
         foreign = [p.name for p in _entries(root) if p.name not in EMPTY_MARKERS]
         if foreign and not force:
@@ -80,8 +83,8 @@ class OutputFolder:
                      if (root / "units").is_dir() else "")
             raise ConfigError(
                 f"{field}: {root} is not empty ({shown}) and was not created by "
-                f"saliencycheck{older}; set {field} (or -o) to a new or empty folder, or pass "
-                "--force to write into it (saliencycheck then deletes only files it writes)")
+                f"saliencycheck{older}; {change} to a new or empty folder, or {forcing} "
+                "to write into it (saliencycheck then deletes only files it writes)")
         try:
             folder.state.mkdir(parents=True, exist_ok=True)
             with folder._locked():
@@ -89,8 +92,8 @@ class OutputFolder:
                     folder._write({})
         except OSError as exc:
             raise ConfigError(f"{field}: cannot write to {root} "
-                              f"({exc.strerror or type(exc).__name__}); set {field} (or -o) to "
-                              "a writable folder") from None
+                              f"({exc.strerror or type(exc).__name__}); {change} to a "
+                              "writable folder") from None
         return folder
 
     @staticmethod

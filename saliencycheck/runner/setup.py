@@ -39,6 +39,7 @@ from saliencycheck.methods.layers import default_layer
 from saliencycheck.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LoadedModel,
     Preprocessing,
     build_model,
     get_submodule,
@@ -86,6 +87,7 @@ class RunSetup:
     post: PostprocessOptions
     floor_stage: Stage | None = None  # every parameter randomized: the random-network floor
     invariance_layer: str | None = None  # the first layer, compensating the input shift
+    model_in_memory: bool = False  # handed to prepare(): no worker can rebuild it from config
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -192,15 +194,18 @@ def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
     return resolved
 
 
-def prepare(loaded: LoadedConfig, *, probe_methods: bool = False) -> RunSetup:
+def prepare(loaded: LoadedConfig, *, probe_methods: bool = False,
+            model: nn.Module | None = None) -> RunSetup:
     """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages).
 
     Errors name the config file first, then the field. `probe_methods` runs every method once
     on one image, so `validate` also catches methods this model cannot support (e.g. guided
     backprop on a network without ReLU, or a custom callable returning the wrong shape).
+    A ``model`` given here is used instead of the config's ``model:`` section: a copy of it,
+    so the caller's module is never moved, randomized or otherwise changed.
     """
     try:
-        setup = _prepare(loaded)
+        setup = _prepare(loaded, model)
         check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
                     [ref.path for ref in setup.images], field="output.dir")
         check_verdict_rules(setup)
@@ -305,12 +310,21 @@ def check_logits(output: object) -> None:
                      f"so forward returns the (N, classes) logits tensor{hint}")
 
 
-def _prepare(loaded: LoadedConfig) -> RunSetup:
+def in_memory(module: nn.Module) -> LoadedModel:
+    """A caller's model as the run's: a deep copy in eval mode (the caller's stays as it is)."""
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model: got {type(module).__name__}, not a torch.nn.Module")
+    return LoadedModel(module=copy.deepcopy(module).eval(),
+                       weights_source=f"in memory ({type(module).__name__})", preprocessing=None)
+
+
+def _prepare(loaded: LoadedConfig, given: nn.Module | None = None) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
     memory_budget = cap_device_memory(device, config.runtime.device_memory_gib)
-    built = build_model(config.model, resolve=loaded.resolve)
+    built = in_memory(given) if given is not None else \
+        build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
     check_label_sources(loaded)
@@ -395,6 +409,7 @@ def _prepare(loaded: LoadedConfig) -> RunSetup:
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
         images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
         context=context, floor_stage=floor_stage, invariance_layer=invariance_layer,
+        model_in_memory=given is not None,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,
                                 percentile=config.postprocess.percentile,

@@ -1,0 +1,174 @@
+"""The Python API: the sanity checks on a model already in memory, from a notebook or a script.
+
+``check`` builds the same validated config the CLI reads from YAML (keyword arguments are its
+sections) and runs the same engine (``prepare`` + ``run_check``) on a copy of the model, so a
+call and ``saliencycheck run`` on the same model and images write the same reports. It never
+prints (unless ``progress=True``) and never exits: bad input raises the CLI's one-line message
+as a :class:`~saliencycheck.errors.SaliencyCheckError` (``ConfigError`` for the config).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from saliencycheck.config import LoadedConfig, parse_config
+from saliencycheck.errors import ConfigError, UsageError
+from saliencycheck.methods import resolve_method
+from saliencycheck.runner import RunResult, prepare, run_check
+from saliencycheck.runner.ownership import OutputFolder
+from saliencycheck.verdicts import Verdict
+
+SOURCE = "check()"  # how errors name the config of an API call (the CLI names the YAML file)
+
+
+def method(name: str, *, label: str | None = None, **params: Any) -> dict[str, Any]:
+    """A configured method for ``check(methods=[...])``, validated now: e.g.
+    ``method("integrated_gradients", steps=32)`` (the YAML entry ``{name: ..., steps: 32}``)."""
+    entry = {"name": name, **({"label": label} if label is not None else {}), **params}
+    try:
+        resolve_method(entry)
+    except ConfigError as exc:
+        raise ConfigError(f"method({name!r}): {exc}") from None
+    return entry
+
+
+@dataclass
+class Result:
+    """What a check found: the verdicts, and the report files as DataFrames or saved.
+
+    ``folder`` holds every file ``saliencycheck run`` writes; unless ``check(output=...)``
+    named one, it is a temporary folder that lives as long as this object (``save`` copies it).
+    """
+
+    run: RunResult
+    folder: Path
+    _temporary: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """One verdict per method × test with a threshold (PASS, FAIL or INVALID)."""
+        return self.run.verdicts
+
+    @property
+    def passed(self) -> bool:
+        """False when a FAIL counts for the gate (``fail_on``): what exit code 1 means."""
+        return not self.run.failures
+
+    def to_pandas(self):  # noqa: ANN201 - pandas is an optional dependency
+        """report.csv as a DataFrame: one row per image × method × test × stage × metric."""
+        return _read_csv(self.folder / "report.csv")
+
+    def summary(self):  # noqa: ANN201
+        """summary.csv as a DataFrame: means, intervals and the random-network floor."""
+        return _read_csv(self.folder / "summary.csv")
+
+    def stages(self):  # noqa: ANN201
+        """stages.csv as a DataFrame: what each stage randomized and how far the logits moved."""
+        return _read_csv(self.folder / "stages.csv")
+
+    def save(self, path: str | PathLike[str], *, force: bool = False) -> Path:
+        """Copy every file of the run into ``path`` (a new or empty folder, unless ``force``):
+        exactly what ``saliencycheck run`` writes. The copy is saliencycheck's folder (its
+        manifest comes along), so a later run there may replace it."""
+        target = Path(path)
+        if target.resolve() == self.folder.resolve():
+            return target
+        OutputFolder.claim(target, force=force, field="save()", change="point save()",
+                           forcing="pass force=True")
+        shutil.copytree(self.folder, target, dirs_exist_ok=True)
+        return target
+
+
+def _read_csv(path: Path):  # noqa: ANN202
+    try:
+        import pandas
+    except ImportError:
+        raise UsageError("Result tables need pandas: pip install 'saliencycheck[pandas]'") \
+            from None
+    return pandas.read_csv(path)
+
+
+def check(model: nn.Module, images: str | PathLike[str], *,
+          targets: str | int = "predicted",
+          methods: Sequence[str | dict[str, Any]] | None = None,
+          tests: dict[str, Any] | None = None,
+          metrics: Sequence[str] | None = None,
+          device: str = "auto", seed: int = 0,
+          output: str | PathLike[str] | None = None, force: bool = False,
+          progress: bool = False, **config: Any) -> Result:
+    """Run the sanity checks on ``model`` (any ``nn.Module``; never modified) and return
+    the :class:`Result`.
+
+    ``images`` is what the YAML's ``images.path`` takes (a folder, a glob or a file), read and
+    preprocessed as the CLI does (``image_settings={...}``: the YAML's other ``images:`` keys,
+    size, mean, std, limit, labels).
+    ``targets`` is ``images.target`` ('predicted', a class index or 'label'). ``methods``,
+    ``tests`` and ``metrics`` are the YAML sections of those names (defaults as in YAML); any
+    other section is a keyword argument (``runtime=``, ``thresholds=``, ``postprocess=``,
+    ``baselines=``, ``fail_on=``, ``output=`` settings go through ``output_settings=``).
+    ``output`` keeps the files in that folder (claimed as the CLI claims ``-o``: a non-empty
+    folder saliencycheck did not write needs ``force``); by default they go to a temporary
+    folder. Raises the CLI's one-line errors as exceptions.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"check(): model must be a torch.nn.Module, not {type(model).__name__}")
+    if not isinstance(images, (str, PathLike)):
+        raise UsageError(f"check(): images must be a folder, glob or file path, not "
+                         f"{type(images).__name__} (tensors and DataLoaders are not taken yet)")
+    data = _config_dict(model, images, targets=targets, methods=methods, tests=tests,
+                        metrics=metrics, device=device, seed=seed, config=config)
+    temporary = None
+    if output is None:
+        temporary = tempfile.TemporaryDirectory(prefix="saliencycheck-")
+        output = temporary.name
+    else:  # claimed before any work, in the API's words (run_check then finds it ours)
+        OutputFolder.claim(Path(output), force=force, field="check(): output",
+                           change="set output=", forcing="pass force=True")
+    data["output"]["dir"] = str(Path(output).resolve())
+    loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
+    setup = prepare(loaded, model=model)
+    with _progress_bar(progress) as advance:
+        run = run_check(setup, progress=advance, force=force)
+    return Result(run=run, folder=setup.output_dir, _temporary=temporary)
+
+
+def _config_dict(model: nn.Module, images: str | PathLike[str], *, targets: str | int,
+                 methods: Sequence | None, tests: dict | None, metrics: Sequence | None,
+                 device: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The YAML config, as a dict, that the keyword arguments of :func:`check` describe."""
+    if "model" in config:
+        raise UsageError("check(): model= is not a keyword: the model is the first argument")
+    data: dict[str, Any] = {
+        "model": {"name": type(model).__name__},
+        "images": {**config.pop("image_settings", {}), "path": str(images),
+                   "target": targets},
+        "runtime": {"device": device, "seed": seed, **config.pop("runtime", {})},
+        "output": dict(config.pop("output_settings", {})),
+    }
+    for name, value in (("methods", methods), ("tests", tests), ("metrics", metrics)):
+        if value is not None:
+            data[name] = list(value) if name != "tests" else dict(value)
+    return {**data, **config}
+
+
+@contextmanager
+def _progress_bar(shown: bool) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress callback for ``run_check``: a rich progress bar when ``shown``, else none."""
+    if not shown:
+        yield lambda *_: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("running", total=None)
+        yield lambda steps, total, text: bar.update(task, advance=steps, total=total,
+                                                    description=text)

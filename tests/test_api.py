@@ -1,0 +1,129 @@
+"""The Python API: a model in memory, checked by the same engine as the CLI."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+import saliencycheck as sc
+from saliencycheck.cli import app
+from tests.test_cli import tiny_cnn
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "sample_images" / "digits"
+GOLDEN = REPO / "tests" / "golden" / "layer_options.yaml"
+REPORTS = ["report.csv", "summary.csv", "stages.csv", "verdicts.csv"]
+
+
+class TwoPath(nn.Module):
+    """A model no builder makes: two branches added, its own ReLU module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.left = nn.Conv2d(6, 6, 3, padding=1)
+        self.right = nn.Conv2d(6, 6, 1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem(x))
+        x = self.relu(self.left(x) + self.right(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def small_check(model: nn.Module, **kwargs: object) -> sc.Result:
+    options = {"image_settings": {"size": 24, "mean": [0.5] * 3, "std": [0.5] * 3, "limit": 3},
+               "methods": ["gradient", sc.method("integrated_gradients", steps=4),
+                           "guided_backprop"],
+               "tests": {"cascading": {"granularity": "layer"}, "random_logit": {"enabled": True}},
+               "metrics": ["spearman_abs", "ssim"], "device": "cpu",
+               "runtime": {"batch_size": 2, "bootstrap": 100},
+               "thresholds": {"cascading": {"metric": "spearman_abs", "max": 0.5}},
+               "output_settings": {"figures": False}}
+    return sc.check(model, DIGITS, **{**options, **kwargs})
+
+
+def test_a_model_in_memory_is_checked_and_left_as_it_was() -> None:
+    model = TwoPath().train()  # in training mode, as a notebook may leave it
+    model.left.weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    result = small_check(model)
+    assert model.training and not model.left.weight.requires_grad
+    assert model.stem.weight.requires_grad and model.stem.weight.device.type == "cpu"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    report = result.to_pandas()
+    assert set(report["method"]) == {"gradient", "integrated_gradients", "guided_backprop"}
+    assert set(report["test"]) >= {"cascading", "random_logit"}
+    # layer granularity: the model's three convolutions and its head, one stage each
+    stages = result.stages()
+    cascade = list(stages[stages["test"] == "cascading"]["stage"])
+    assert cascade == ["trained", "head", "right", "left", "stem"]
+    assert {(v.method, v.test) for v in result.verdicts} == {
+        (m, "cascading") for m in ("gradient", "integrated_gradients", "guided_backprop")}
+    assert result.passed == all(v.verdict != "FAIL" for v in result.verdicts)
+    summary = result.summary()
+    assert {"mean", "ci_low", "ci_high", "floor"} <= set(summary.columns)
+
+
+def test_the_api_and_the_cli_write_the_same_reports(tmp_path: Path) -> None:
+    """One engine: the golden layer_options config through the CLI, and its sections as
+    keyword arguments with the model its factory builds."""
+    runner = CliRunner().invoke(app, ["run", str(GOLDEN), "-o", str(tmp_path / "cli")])
+    assert runner.exit_code in (0, 1), runner.output
+    config = yaml.safe_load(GOLDEN.read_text())
+    model, images = tiny_cnn(config.pop("model")["num_classes"]), config.pop("images")
+    path = (GOLDEN.parent / images.pop("path")).resolve()
+    result = sc.check(model, path, image_settings=images, methods=config.pop("methods"),
+                      tests=config.pop("tests"), metrics=config.pop("metrics"),
+                      device="cpu", seed=config["runtime"].pop("seed"),
+                      output_settings=config.pop("output"), **config)
+    saved = result.save(tmp_path / "api")
+    for name in REPORTS:
+        assert (saved / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    assert result.passed == (runner.exit_code == 0)
+
+
+def test_bad_arguments_raise_the_clis_one_line_messages() -> None:
+    with pytest.raises(sc.ConfigError, match=r"^check\(\): .*runtime\.devise: unknown key "
+                                             r"'devise' \(did you mean 'device'\?\)"):
+        small_check(TwoPath(), runtime={"devise": "cpu"})
+    with pytest.raises(sc.ConfigError, match=r"metrics\[0\]: 'spearmann' is not one of"):
+        small_check(TwoPath(), metrics=["spearmann"])
+    with pytest.raises(sc.SaliencyCheckError, match="must be a torch.nn.Module"):
+        sc.check("resnet18", DIGITS)
+    with pytest.raises(sc.SaliencyCheckError, match="runtime.backend: 'ray' workers build"):
+        small_check(TwoPath(), runtime={"backend": "ray"})
+
+
+def test_save_refuses_a_folder_of_someone_elses_files(tmp_path: Path) -> None:
+    result = small_check(TwoPath())
+    (tmp_path / "paper").mkdir()
+    (tmp_path / "paper" / "draft.tex").write_text("mine")
+    with pytest.raises(sc.SaliencyCheckError, match="draft.tex|not empty|--force"):
+        result.save(tmp_path / "paper")
+    saved = result.save(tmp_path / "new")
+    with (saved / "report.csv").open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == len(result.to_pandas())
+    assert (tmp_path / "paper" / "draft.tex").read_text() == "mine"
+
+
+def test_an_output_folder_of_someone_elses_files_is_refused_before_any_work(
+        tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(sc.ConfigError, match=r"^check\(\): output: .* is not empty \(notes.txt\)"
+                                             r".*set output= to a new or empty folder, or pass "
+                                             r"force=True"):
+        small_check(TwoPath(), output=tmp_path)
+    result = small_check(TwoPath(), output=tmp_path, force=True)
+    assert result.folder == tmp_path.resolve()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "report.csv").is_file()
