@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from saliencycheck.config import LoadedConfig, parse_config
+from saliencycheck.data import ImageRef
 from saliencycheck.errors import ConfigError, UsageError
 from saliencycheck.methods import resolve_method
+from saliencycheck.methods.custom import remember
 from saliencycheck.runner import RunResult, prepare, run_check
 from saliencycheck.runner.ownership import OutputFolder
 from saliencycheck.verdicts import Verdict
@@ -97,9 +100,9 @@ def _read_csv(path: Path):  # noqa: ANN202
     return pandas.read_csv(path)
 
 
-def check(model: nn.Module, images: str | PathLike[str], *,
-          targets: str | int = "predicted",
-          methods: Sequence[str | dict[str, Any]] | None = None,
+def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
+          targets: str | int | Tensor = "predicted",
+          methods: Sequence[str | dict[str, Any] | Callable[..., Tensor]] | None = None,
           tests: dict[str, Any] | None = None,
           metrics: Sequence[str] | None = None,
           device: str = "auto", seed: int = 0,
@@ -110,9 +113,13 @@ def check(model: nn.Module, images: str | PathLike[str], *,
 
     ``images`` is what the YAML's ``images.path`` takes (a folder, a glob or a file), read and
     preprocessed as the CLI does (``image_settings={...}``: the YAML's other ``images:`` keys,
-    size, mean, std, limit, labels).
-    ``targets`` is ``images.target`` ('predicted', a class index or 'label'). ``methods``,
-    ``tests`` and ``metrics`` are the YAML sections of those names (defaults as in YAML); any
+    size, mean, std, limit, labels); or images already preprocessed: an (N, C, H, W) tensor,
+    a Dataset or DataLoader of such tensors or of (tensor, label) pairs (their ``mean`` and
+    ``std`` in ``image_settings`` only shape the figures and the baselines, as in YAML).
+    ``targets`` is ``images.target`` ('predicted', a class index, or 'label': the pairs'
+    labels), or an (N,) tensor of classes. ``methods``, ``tests`` and ``metrics`` are the YAML
+    sections of those names (defaults as in YAML); ``methods`` may also hold functions
+    ``fn(model, inputs, targets) -> maps`` (a Captum or zennit call wrapped, or your own). Any
     other section is a keyword argument (``runtime=``, ``thresholds=``, ``postprocess=``,
     ``baselines=``, ``fail_on=``, ``output=`` settings go through ``output_settings=``).
     ``output`` keeps the files in that folder (claimed as the CLI claims ``-o``: a non-empty
@@ -121,9 +128,13 @@ def check(model: nn.Module, images: str | PathLike[str], *,
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"check(): model must be a torch.nn.Module, not {type(model).__name__}")
+    refs, labels = None, None
     if not isinstance(images, (str, PathLike)):
-        raise UsageError(f"check(): images must be a folder, glob or file path, not "
-                         f"{type(images).__name__} (tensors and DataLoaders are not taken yet)")
+        refs, labels = in_memory_images(images)
+        images = MEMORY
+    if isinstance(targets, Tensor):
+        labels = tensor_targets(targets, refs)
+        targets = "label"
     data = _config_dict(model, images, targets=targets, methods=methods, tests=tests,
                         metrics=metrics, device=device, seed=seed, config=config)
     temporary = None
@@ -135,10 +146,66 @@ def check(model: nn.Module, images: str | PathLike[str], *,
                            change="set output=", forcing="pass force=True")
     data["output"]["dir"] = str(Path(output).resolve())
     loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
-    setup = prepare(loaded, model=model)
+    setup = prepare(loaded, model=model, images=refs, labels=labels)
     with _progress_bar(progress) as advance:
         run = run_check(setup, progress=advance, force=force)
     return Result(run=run, folder=setup.output_dir, _temporary=temporary)
+
+
+MEMORY = "<memory>"  # images.path of images handed over in memory
+
+
+def in_memory_images(images: Tensor | Iterable) -> tuple[list[ImageRef], dict[str, int] | None]:
+    """Refs of preprocessed images given as an (N, C, H, W) tensor, or as a Dataset,
+    DataLoader or other iterable of tensors or (tensor, label) pairs (batched or not); and
+    their labels, by image id, when pairs carried them."""
+    if isinstance(images, Tensor):
+        batches: Iterable = [images]
+    elif isinstance(images, Iterable) or hasattr(images, "__getitem__"):
+        batches = images
+    else:
+        raise UsageError(f"check(): images must be a path, a tensor, a Dataset or a DataLoader, "
+                         f"not {type(images).__name__}")
+    tensors, labels = [], []
+    for item in batches:
+        tensor, label = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        if not isinstance(tensor, Tensor) or tensor.ndim not in (3, 4):
+            raise UsageError("check(): images must hold image tensors, (C, H, W) or "
+                             f"(N, C, H, W); got {type(tensor).__name__} "
+                             f"{tuple(getattr(tensor, 'shape', ()))}")
+        batch = tensor if tensor.ndim == 4 else tensor[None]
+        tensors += list(batch)
+        if label is not None:
+            labels += torch.as_tensor(label).reshape(-1).tolist()
+    if not tensors:
+        raise UsageError("check(): images is empty")
+    if labels and len(labels) != len(tensors):
+        raise UsageError(f"check(): {len(labels)} labels for {len(tensors)} images")
+    width = len(str(len(tensors) - 1))
+    refs = [ImageRef(id=f"image{i:0{width}d}", path=Path(MEMORY) / f"image{i:0{width}d}",
+                     tensor=t) for i, t in enumerate(tensors)]
+    return refs, ({r.id: int(v) for r, v in zip(refs, labels)} if labels else None)
+
+
+def tensor_targets(targets: Tensor, refs: list[ImageRef] | None) -> dict[str, int]:
+    """Classes given as an (N,) tensor, by image id (images handed over in memory only)."""
+    if refs is None:
+        raise UsageError("check(): targets as a tensor needs images as tensors (their order); "
+                         "for image files use image_settings={'labels': 'labels.csv'} and "
+                         "targets='label'")
+    if targets.ndim != 1 or len(targets) != len(refs):
+        raise UsageError(f"check(): targets must be an ({len(refs)},) tensor of classes, one per "
+                         f"image; got shape {tuple(targets.shape)}")
+    return {ref.id: int(t) for ref, t in zip(refs, targets.tolist())}
+
+
+def callable_method(fn: Callable[..., Tensor], index: int) -> dict[str, Any]:
+    """A method given as a function ``fn(model, inputs, targets) -> maps (N, C or 1, H, W)``
+    (a Captum or zennit call wrapped, or your own): the ``custom`` method calling it, labelled
+    with its name (``custom<index>`` for a lambda)."""
+    name = getattr(fn, "__name__", "")
+    label = name if name.isidentifier() else f"custom{index}"
+    return {"name": "custom", "callable": remember(fn), "label": label}
 
 
 def _config_dict(model: nn.Module, images: str | PathLike[str], *, targets: str | int,
@@ -154,9 +221,12 @@ def _config_dict(model: nn.Module, images: str | PathLike[str], *, targets: str 
         "runtime": {"device": device, "seed": seed, **config.pop("runtime", {})},
         "output": dict(config.pop("output_settings", {})),
     }
-    for name, value in (("methods", methods), ("tests", tests), ("metrics", metrics)):
+    if methods is not None:
+        data["methods"] = [callable_method(m, i) if callable(m) else m
+                           for i, m in enumerate(methods)]
+    for name, value in (("tests", tests), ("metrics", metrics)):
         if value is not None:
-            data[name] = list(value) if name != "tests" else dict(value)
+            data[name] = dict(value) if name == "tests" else list(value)
     return {**data, **config}
 
 

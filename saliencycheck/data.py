@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image to explain, not yet read: its report id and path."""
+    """An image to explain, not yet read: its report id and path; or, handed over in memory
+    (the Python API), its id, a stand-in path and the preprocessed (C, H, W) tensor."""
 
     id: str
     path: Path
+    tensor: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,9 @@ def load_images(
     std = torch.tensor(pre.std).view(3, 1, 1)
     records, skipped = [], []
     for ref in refs:
+        if ref.tensor is not None:
+            _from_memory(ref, pre, records, skipped)
+            continue
         try:
             rgb = read_rgb(ref.path)
         except UnreadableImage as exc:
@@ -240,6 +245,25 @@ def load_images(
             display=pixels.permute(1, 2, 0).numpy(),
         ))
     return records, skipped
+
+
+def _from_memory(ref: ImageRef, pre: Preprocessing, records: list[ImageRecord],
+                 skipped: list[SkippedImage]) -> None:
+    """An image handed over as a preprocessed tensor: used as it is (its display version
+    undoes the normalisation), or skipped when it holds NaN or inf."""
+    tensor = ref.tensor.detach().float().cpu()
+    bad = int((~tensor.isfinite()).sum())
+    if bad:
+        skipped.append(SkippedImage(ref.path, f"non-finite values (NaN or inf): {bad} of "
+                                              f"{tensor.numel()}; fill them before explaining"))
+        return
+    channels = tensor.shape[0]
+    mean = torch.tensor(pre.mean[:channels]).view(-1, 1, 1)
+    std = torch.tensor(pre.std[:channels]).view(-1, 1, 1)
+    pixels = (tensor * std + mean).clamp(0, 1)
+    pixels = pixels.expand(3, -1, -1) if channels == 1 else pixels[:3]
+    records.append(ImageRecord(id=ref.id, path=ref.path, tensor=tensor,
+                               display=pixels.permute(1, 2, 0).numpy()))
 
 
 def read_labels(path: Path, ids: list[str], paths: list[Path]) -> dict[str, int]:

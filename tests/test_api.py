@@ -49,7 +49,8 @@ def small_check(model: nn.Module, **kwargs: object) -> sc.Result:
                "runtime": {"batch_size": 2, "bootstrap": 100},
                "thresholds": {"cascading": {"metric": "spearman_abs", "max": 0.5}},
                "output_settings": {"figures": False}}
-    return sc.check(model, DIGITS, **{**options, **kwargs})
+    images = kwargs.pop("images", DIGITS)
+    return sc.check(model, images, **{**options, **kwargs})
 
 
 def test_a_model_in_memory_is_checked_and_left_as_it_was() -> None:
@@ -127,3 +128,86 @@ def test_an_output_folder_of_someone_elses_files_is_refused_before_any_work(
     result = small_check(TwoPath(), output=tmp_path, force=True)
     assert result.folder == tmp_path.resolve()
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "report.csv").is_file()
+
+
+def digits_as_tensors(count: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first digits as saliencycheck preprocesses them (size 24, mean/std 0.5), and their
+    labels from labels.csv."""
+    from saliencycheck.data import ImageRef, load_images
+    from saliencycheck.models import Preprocessing
+
+    paths = sorted(p for p in DIGITS.iterdir() if p.suffix == ".png")[:count]
+    records, _ = load_images([ImageRef(p.stem, p) for p in paths],
+                             Preprocessing(size=24, mean=(0.5,) * 3, std=(0.5,) * 3))
+    with (DIGITS / "labels.csv").open(newline="") as fh:
+        table = {row["image"]: int(row["label"]) for row in csv.DictReader(fh)}
+    labels = [table[p.name] for p in paths]
+    return torch.stack([r.tensor for r in records]), torch.tensor(labels)
+
+
+def means(result: sc.Result) -> list[tuple]:
+    """The summary's means, but random logit's: its other class is drawn per image id, and
+    files and tensors give the same images other ids."""
+    summary = result.summary()
+    summary = summary[summary["test"] != "random_logit"]
+    return sorted(zip(summary["method"], summary["test"], summary["stage_index"],
+                      summary["metric"], summary["mean"].round(12).astype(str)))
+
+
+def test_tensors_and_dataloaders_give_the_scores_of_the_image_files() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    inputs, labels = digits_as_tensors()
+    from_files = small_check(TwoPath())
+    assert means(small_check(TwoPath(), images=inputs)) == means(from_files)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=2)
+    with_labels = small_check(TwoPath(), images=loader, targets="label")
+    by_tensor = small_check(TwoPath(), images=list(inputs), targets=labels)
+    assert means(with_labels) == means(by_tensor)
+    report = with_labels.to_pandas()
+    trained = report[(report["stage_index"] == 0)].drop_duplicates("image")
+    assert sorted(trained["target"]) == sorted(labels.tolist())  # the labels were explained
+    assert list(trained.sort_values("image")["image"]) == ["image0", "image1", "image2"]
+
+
+def test_an_image_tensor_with_nan_is_skipped_and_listed() -> None:
+    inputs, _ = digits_as_tensors()
+    inputs[1, 0, 3, 3] = float("nan")
+    result = small_check(TwoPath(), images=inputs)
+    assert set(result.to_pandas()["image"]) == {"image0", "image2"}
+    with (result.folder / "skipped.csv").open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert "image1" in row["path"] and "NaN" in row["reason"]
+
+
+@pytest.mark.parametrize(("images", "targets", "message"), [
+    (torch.zeros(24, 24), "predicted", r"\(C, H, W\) or \(N, C, H, W\); got Tensor \(24, 24\)"),
+    (torch.zeros(0, 3, 24, 24), "predicted", "images is empty"),
+    (torch.zeros(2, 3, 24, 24), torch.tensor([1, 2, 3]), r"targets must be an \(2,\) tensor"),
+    (DIGITS, torch.tensor([1]), "targets as a tensor needs images as tensors"),
+    (42, "predicted", "images must be a path, a tensor, a Dataset or a DataLoader, not int"),
+])
+def test_bad_images_and_targets_are_one_line_errors(images: object, targets: object,
+                                                    message: str) -> None:
+    with pytest.raises(sc.SaliencyCheckError, match=message):
+        small_check(TwoPath(), images=images, targets=targets)
+
+
+def captum_input_x_gradient(model: nn.Module, inputs: torch.Tensor,
+                            targets: torch.Tensor) -> torch.Tensor:
+    from captum.attr import InputXGradient
+
+    return InputXGradient(model).attribute(inputs, target=targets)
+
+
+def test_a_captum_method_passed_as_a_function_scores_as_saliencychecks_own() -> None:
+    result = small_check(TwoPath(), methods=["gradient_x_input", captum_input_x_gradient,
+                                             lambda model, x, t: x * 0 + 1],
+                         thresholds={})
+    summary = result.summary()
+    ours = summary[summary["method"] == "gradient_x_input"]
+    captum = summary[summary["method"] == "captum_input_x_gradient"]
+    assert len(captum) == len(ours) > 0
+    assert captum["mean"].to_numpy() == pytest.approx(ours["mean"].to_numpy(), abs=1e-6,
+                                                      nan_ok=True)
+    assert "custom2" in set(summary["method"])  # a lambda gets a label by its position

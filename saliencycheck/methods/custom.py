@@ -1,7 +1,10 @@
-"""A user-supplied attribution function, named in the config as ``"package.module:function"``."""
+"""A user-supplied attribution function, named in the config as ``"package.module:function"``,
+or handed to ``saliencycheck.check`` as a callable (kept here, by a ``<memory>:`` name, for the
+run in this process)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +15,26 @@ from saliencycheck.errors import ConfigError, MethodError
 from saliencycheck.imports import import_callable
 from saliencycheck.methods.base import AttributionContext, check_call
 from saliencycheck.methods.registry import MethodParams, register_method
+
+IN_MEMORY = "<memory>:"  # names of the functions handed over in memory
+_FUNCTIONS: dict[str, Callable[..., Tensor]] = {}
+
+
+def remember(fn: Callable[..., Tensor]) -> str:
+    """The ``callable`` name under which the custom method finds ``fn`` in this process."""
+    name = f"{IN_MEMORY}{getattr(fn, '__qualname__', type(fn).__name__)}#{id(fn)}"
+    _FUNCTIONS[name] = fn
+    return name
+
+
+def _function(name: str) -> Callable[..., Tensor]:
+    """The function a ``callable`` names: remembered, or imported (ValueError if neither)."""
+    if name.startswith(IN_MEMORY):
+        if name not in _FUNCTIONS:
+            raise ValueError(f"{name!r} names a function handed to saliencycheck.check in "
+                             "another process; name it 'package.module:function' instead")
+        return _FUNCTIONS[name]
+    return import_callable(name)
 
 
 class CustomParams(MethodParams):
@@ -27,7 +50,7 @@ class CustomParams(MethodParams):
     @field_validator("function")
     @classmethod
     def _importable(cls, function: str) -> str:
-        import_callable(function)
+        _function(function)
         return function
 
 
@@ -48,7 +71,7 @@ def custom(
     """
     check_call(model, inputs, targets, "custom")
     try:
-        fn = import_callable(function)
+        fn = _function(function)
     except ValueError as err:
         raise ConfigError(f"callable: {err}") from None
     with torch.enable_grad():

@@ -14,9 +14,12 @@ machine or backend.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+import torch
 
 from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import Config, LoadedConfig
@@ -79,7 +82,8 @@ def manifest(setup: RunSetup, units: list[WorkUnit], hashes: HashCache) -> dict:
     plan = {
         "config": setup.config.model_dump(mode="json"),
         "source": str(setup.source),
-        "images": [[ref.id, *_size_and_hash(ref.path, hashes)] for ref in setup.images],
+        "images": [[ref.id, *(_size_and_hash(ref.path, hashes) if ref.tensor is None
+                              else _tensor_size_and_hash(ref.tensor))] for ref in setup.images],
         "files": files,
         "model_sha256": model_sha256(setup.model),
         "units": {u.id: [setup.images[i].id for i in u.image_indices] for u in units},
@@ -142,6 +146,12 @@ def _keys(stored: object, current: object) -> list[str]:
     if isinstance(stored, dict) and isinstance(current, dict):
         return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     return [] if stored == current else [""]
+
+
+def _tensor_size_and_hash(tensor: torch.Tensor) -> list:
+    """[bytes, SHA-256] of an image handed over in memory."""
+    data = tensor.detach().cpu().contiguous().numpy().tobytes()
+    return [len(data), hashlib.sha256(data).hexdigest()]
 
 
 def _size_and_hash(path: Path, hashes: HashCache) -> list:

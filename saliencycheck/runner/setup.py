@@ -195,19 +195,23 @@ def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
 
 
 def prepare(loaded: LoadedConfig, *, probe_methods: bool = False,
-            model: nn.Module | None = None) -> RunSetup:
+            model: nn.Module | None = None, images: list[ImageRef] | None = None,
+            labels: dict[str, int] | None = None) -> RunSetup:
     """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages).
 
     Errors name the config file first, then the field. `probe_methods` runs every method once
     on one image, so `validate` also catches methods this model cannot support (e.g. guided
     backprop on a network without ReLU, or a custom callable returning the wrong shape).
     A ``model`` given here is used instead of the config's ``model:`` section: a copy of it,
-    so the caller's module is never moved, randomized or otherwise changed.
+    so the caller's module is never moved, randomized or otherwise changed. ``images`` (refs
+    holding preprocessed tensors) and their ``labels`` replace ``images.path`` and
+    ``images.labels`` likewise.
     """
     try:
-        setup = _prepare(loaded, model)
-        check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
-                    [ref.path for ref in setup.images], field="output.dir")
+        setup = _prepare(loaded, model, images, labels)
+        if images is None:
+            check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
+                        [ref.path for ref in setup.images], field="output.dir")
         check_verdict_rules(setup)
         if probe_methods:
             probe(setup)
@@ -318,7 +322,9 @@ def in_memory(module: nn.Module) -> LoadedModel:
                        weights_source=f"in memory ({type(module).__name__})", preprocessing=None)
 
 
-def _prepare(loaded: LoadedConfig, given: nn.Module | None = None) -> RunSetup:
+def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
+             given_images: list[ImageRef] | None = None,
+             given_labels: dict[str, int] | None = None) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
@@ -330,19 +336,24 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None) -> RunSetup:
     check_label_sources(loaded)
     pre = resolve_preprocessing(config, built.preprocessing)
 
-    root = loaded.resolve(config.images.path)
-    paths = discover_images(root, raw=config.images.path)
-    if config.images.limit:
-        paths = paths[: config.images.limit]
-    ids = image_ids(paths, root if root.is_dir() else root.parent)
-    images = [ImageRef(id=i, path=p) for i, p in zip(ids, paths)]
-
     labels = None
-    if config.images.target == "label":
-        if not config.images.labels:
+    if given_images is not None:
+        images = given_images[: config.images.limit or None]
+        labels = given_labels
+        if config.images.target == "label" and not labels:
+            raise ConfigError("targets: 'label' needs labels: (image, label) pairs from the "
+                              "Dataset or DataLoader, or targets as a tensor")
+    else:
+        root = loaded.resolve(config.images.path)
+        paths = discover_images(root, raw=config.images.path)
+        if config.images.limit:
+            paths = paths[: config.images.limit]
+        ids = image_ids(paths, root if root.is_dir() else root.parent)
+        images = [ImageRef(id=i, path=p) for i, p in zip(ids, paths)]
+        if config.images.target == "label" and not config.images.labels:
             raise ConfigError("images.target: 'label' needs images.labels, a CSV with image,label")
-    if config.images.labels:
-        labels = read_labels(loaded.resolve(config.images.labels), ids, paths)
+        if config.images.labels:
+            labels = read_labels(loaded.resolve(config.images.labels), ids, paths)
 
     model = model.to(device)
     output = config.output
