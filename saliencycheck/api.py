@@ -9,26 +9,31 @@ as a :class:`~saliencycheck.errors.SaliencyCheckError` (``ConfigError`` for the 
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from html import escape
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from saliencycheck.config import LoadedConfig, parse_config
-from saliencycheck.data import ImageRef
+from saliencycheck.data import ImageRef, load_images
 from saliencycheck.errors import ConfigError, UsageError
 from saliencycheck.methods import resolve_method
 from saliencycheck.methods.custom import remember
-from saliencycheck.runner import RunResult, prepare, run_check
+from saliencycheck.runner import RunResult, RunSetup, prepare, run_check
 from saliencycheck.runner.ownership import OutputFolder
-from saliencycheck.verdicts import Verdict
+from saliencycheck.runner.run import grid_figure, test_curves
+from saliencycheck.runner.store import ResultStore
+from saliencycheck.verdicts import Verdict, interval_text
 
 SOURCE = "check()"  # how errors name the config of an API call (the CLI names the YAML file)
 
@@ -54,6 +59,7 @@ class Result:
 
     run: RunResult
     folder: Path
+    setup: RunSetup = field(repr=False)
     _temporary: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -77,6 +83,53 @@ class Result:
     def stages(self):  # noqa: ANN201
         """stages.csv as a DataFrame: what each stage randomized and how far the logits moved."""
         return _read_csv(self.folder / "stages.csv")
+
+    def plot_curves(self, test: str = "cascading") -> Figure:
+        """The similarity curves of ``test`` (figures/curves_<test>.png), as a Figure."""
+        self._check_test(test)
+        return test_curves(self.setup, self.run.summary, test)
+
+    def plot_grid(self, image: int | str = 0, test: str = "cascading") -> Figure:
+        """The paper's grid of one image (its index or id) in ``test``: every method's map at
+        every stage. Kept for the first ``output_settings={"figure_images": N}`` images."""
+        self._check_test(test)
+        maps = ResultStore(self.folder).figure_maps()
+        shown = sorted({key.split("|")[0] for key in maps})
+        ids = [ref.id for ref in self.setup.images]
+        name = ids[image] if isinstance(image, int) and 0 <= image < len(ids) else image
+        if name not in shown:
+            raise UsageError(f"plot_grid(): no maps kept for image {image!r}; kept: "
+                             f"{', '.join(shown) or 'none (figures are off)'}; set "
+                             "output_settings={'figures': True, 'figure_images': N}")
+        ref = next(r for r in self.setup.images if r.id == name)
+        display = load_images([ref], self.setup.preprocessing)[0][0].display
+        return grid_figure(self.setup, maps, name, test, display)
+
+    def _check_test(self, test: str) -> None:
+        if test not in self.setup.stage_names:
+            raise UsageError(f"{test!r} did not run; the tests that ran: "
+                             f"{', '.join(self.setup.stage_names)}")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: each verdict, its final-stage score beside the floor."""
+        head = ("<tr><th>method</th><th>test</th><th>verdict</th><th>metric</th>"
+                "<th>stage</th><th>mean [CI]</th><th>limit</th><th>floor</th></tr>")
+        rows = []
+        for v in self.verdicts:
+            colour = {"PASS": "#c8e6c9", "FAIL": "#ffcdd2"}.get(v.verdict, "#eeeeee")
+            limit = (f"≤ {v.max:.3g}" if math.isfinite(v.max)
+                     else f"≥ {v.min:.3g}" if math.isfinite(v.min) else "")
+            floor = f"{v.floor:.3f}" if math.isfinite(v.floor) else ""
+            rows.append(
+                f'<tr style="background:{colour}"><td>{escape(v.method)}</td>'
+                f"<td>{escape(v.test)}</td><td><b>{v.verdict}</b></td><td>{escape(v.metric)}</td>"
+                f"<td>{escape(v.stage)}</td><td>{interval_text(v.statistic, v.ci_low, v.ci_high)}"
+                f"</td><td>{limit}</td><td>{floor}</td></tr>")
+        gate = "passed" if self.passed else "FAILED (a gated method failed)"
+        body = "".join(rows) or '<tr><td colspan="8">no thresholds: no verdicts</td></tr>'
+        return (f"<div><p>saliencycheck: {len(self.setup.images)} images, "
+                f"{len(self.run.methods)} methods; gate <b>{gate}</b></p>"
+                f"<table>{head}{body}</table></div>")
 
     def save(self, path: str | PathLike[str], *, force: bool = False) -> Path:
         """Copy every file of the run into ``path`` (a new or empty folder, unless ``force``):
@@ -149,7 +202,7 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
     setup = prepare(loaded, model=model, images=refs, labels=labels)
     with _progress_bar(progress) as advance:
         run = run_check(setup, progress=advance, force=force)
-    return Result(run=run, folder=setup.output_dir, _temporary=temporary)
+    return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
 
 
 MEMORY = "<memory>"  # images.path of images handed over in memory

@@ -211,3 +211,26 @@ def test_a_captum_method_passed_as_a_function_scores_as_saliencychecks_own() -> 
     assert captum["mean"].to_numpy() == pytest.approx(ours["mean"].to_numpy(), abs=1e-6,
                                                       nan_ok=True)
     assert "custom2" in set(summary["method"])  # a lambda gets a label by its position
+
+
+def test_figures_come_back_as_matplotlib_figures_and_the_result_shows_as_html() -> None:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    backend = matplotlib.get_backend()
+    result = small_check(TwoPath(), output_settings={"figures": True, "figure_images": 2})
+    assert matplotlib.get_backend() == backend  # a notebook's backend is left alone
+    curves = result.plot_curves("cascading")
+    assert isinstance(curves, Figure)
+    first = curves.axes[0]
+    assert first.get_title() == "spearman_abs"
+    assert len([line for line in first.get_lines() if line.get_marker() == "o"]) == 3
+    grid = result.plot_grid(image=1, test="cascading")
+    assert isinstance(grid, Figure) and "cascading" in grid.axes[0].get_title()
+    with pytest.raises(sc.SaliencyCheckError, match="no maps kept for image 2"):
+        result.plot_grid(image=2)  # only the first two images keep their maps
+    with pytest.raises(sc.SaliencyCheckError, match="'independent' did not run"):
+        result.plot_curves("independent")
+    html = result._repr_html_()
+    assert html.count("<tr style=") == len(result.verdicts) == 3
+    assert all(v.verdict in html for v in result.verdicts) and "spearman_abs" in html

@@ -1,4 +1,8 @@
-"""PNG figures: the paper's stage grids per image, and similarity curves per test."""
+"""PNG figures: the paper's stage grids per image, and similarity curves per test.
+
+Each figure is built as a ``matplotlib.figure.Figure`` without pyplot, so nothing here selects
+or changes a backend (a notebook's inline plots keep working) and the API can return the
+figures (``Result.plot_curves``, ``Result.plot_grid``) as well as save them."""
 
 from __future__ import annotations
 
@@ -6,25 +10,28 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from saliencycheck.results import SummaryRow  # noqa: E402
-from saliencycheck.verdicts import interval_text  # noqa: E402
+from saliencycheck.results import SummaryRow
+from saliencycheck.verdicts import interval_text
 
 MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]
 
 
-def stage_grid(
-    path: Path,
+def save(fig: Figure, path: Path, **options: object) -> None:
+    """Write ``fig`` as a PNG at ``path`` (110 dpi), making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, **options)
+
+
+def stage_grid_figure(
     image: np.ndarray,
     maps: dict[str, np.ndarray],
     stage_names: list[str],
     *,
     title: str,
-) -> None:
+) -> Figure:
     """Input image first, then one row per method and one column per stage (trained first).
 
     `maps[method]` is (stages, H, W) of absolute maps in [0, 1], all shown on one scale.
@@ -45,7 +52,7 @@ def stage_grid(
             rgb = colormap(np.clip(frame.astype(np.float32), 0, 1))[..., :3]
             mosaic[top:top + height, left:left + width] = rgb
     cell = 1.3
-    fig = plt.figure(figsize=(cell * cols, cell * len(methods)))
+    fig = Figure(figsize=(cell * cols, cell * len(methods)))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_xticks([(width + gap) * c + width / 2 for c in range(cols)])
@@ -58,16 +65,15 @@ def stage_grid(
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set_title(title, fontsize=9, pad=28 if cols > 8 else 16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
-    plt.close(fig)
+    return fig
 
 
 def _metric_grid(metrics: list[str]):
     """One panel per metric, three to a row; unused panels hidden."""
     cols = min(3, len(metrics))
     nrows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.3 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     flat = axes.ravel()
     for ax in flat[len(metrics):]:
         ax.axis("off")
@@ -86,9 +92,9 @@ def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
         ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
 
 
-def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
-                      floors: dict[tuple[str, str], SummaryRow] | None = None,
-                      level: float = 0.95) -> None:
+def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
+                  floors: dict[tuple[str, str], SummaryRow] | None = None,
+                  level: float = 0.95) -> Figure:
     """Each metric against the stage, one line per method: mean with its CI band (at
     ``level``, the one summary.csv's intervals were computed at), and
     the method's random-network floor (``floors[(method, metric)]``, its summary row) as a
@@ -126,9 +132,7 @@ def similarity_curves(path: Path, summary: list[SummaryRow], test: str, metrics:
     fig.suptitle(f"{test} randomization (mean and {percent(level)} CI over images"
                  + ("; dotted, faint band: random-network floor)" if floors else ")"), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: list[str],
@@ -162,9 +166,7 @@ def comparison_bars(path: Path, summary: list[SummaryRow], test: str, metrics: l
     fig.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle(f"{title} (mean and {percent(level)} CI over images)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 VERDICT_COLOURS = {"PASS": "#4caf50", "FAIL": "#e53935", "INVALID": "#bdbdbd"}
@@ -179,8 +181,8 @@ def verdict_heatmap(path: Path, verdicts: list, level: float = 0.95) -> None:
     tests = list(dict.fromkeys(v.test for v in verdicts))
     cells = {(v.method, v.test): v for v in verdicts}
     image = np.ones((len(methods), len(tests), 3))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 2.2 * len(tests)),
-                                    1.1 + 0.55 * len(methods)))
+    fig = Figure(figsize=(max(4.5, 1.8 + 2.2 * len(tests)), 1.1 + 0.55 * len(methods)))
+    ax = fig.subplots()
     for i, method in enumerate(methods):
         for j, test in enumerate(tests):
             v = cells.get((method, test))
@@ -198,6 +200,4 @@ def verdict_heatmap(path: Path, verdicts: list, level: float = 0.95) -> None:
     ax.set_title(f"verdicts: mean [{percent(level)} CI], limit\nPASS: randomization changed "
                  "the maps\n(input invariance: the shift did not)", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from saliencycheck.atomic import atomic_write_text
 from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
@@ -27,10 +28,11 @@ from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.report.figures import (
     comparison_bars,
-    similarity_curves,
-    stage_grid,
+    curves_figure,
+    stage_grid_figure,
     verdict_heatmap,
 )
+from saliencycheck.report.figures import save as save_figure
 from saliencycheck.report.tables import (
     summarize,
     write_report,
@@ -397,16 +399,13 @@ def write_figures(setup: RunSetup, store: ResultStore,
     shown = {key.split("|")[0] for key in maps}
     by_id = {r.id: r for r in load_images([i for i in setup.images if i.id in shown],
                                           setup.preprocessing)[0]}
-    floors = {(s.method, s.metric): s for s in summary if s.test == FLOOR_TEST}
-    for test, names in setup.stage_names.items():
+    for test in setup.stage_names:
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
-            grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
-                    if figure_key(image, test, m.label) in maps}
             written.append(figures / safe_name(image) / f"{test}.png")
-            stage_grid(written[-1], by_id[image].display, grid, names,
-                       title=f"{image} - {TITLES.get(test, test)} ({setup.config.model.name})")
-        metrics = [ENTROPY_RISE] if test == ENTROPY_TEST else list(setup.config.metrics)
+            save_figure(grid_figure(setup, maps, image, test, by_id[image].display),
+                        written[-1], bbox_inches="tight", pad_inches=0.1)
+        metrics = test_metrics(setup, test)
         if test in BAR_TESTS:  # alternatives to compare, not a sequence
             written.append(figures / f"bars_{test}.png")
             comparison_bars(written[-1], summary, test, metrics,
@@ -414,12 +413,34 @@ def write_figures(setup: RunSetup, store: ResultStore,
                             if test == ENTROPY_TEST else "similarity to trained map",
                             methods=[m.label for m in setup.methods],
                             level=setup.config.runtime.ci_level)
-        else:  # the floor compares plain maps: not sMPRT's averaged ones
+        else:
             written.append(figures / f"curves_{test}.png")
-            similarity_curves(written[-1], summary, test, metrics,
-                              floors=floors if test in FLOOR_TESTS else {},
-                              level=setup.config.runtime.ci_level)
+            save_figure(test_curves(setup, summary, test), written[-1])
     return written
+
+
+def test_metrics(setup: RunSetup, test: str) -> list[str]:
+    """The metrics a test is scored with: eMPRT its entropy rise, the others the config's."""
+    return [ENTROPY_RISE] if test == ENTROPY_TEST else list(setup.config.metrics)
+
+
+def grid_figure(setup: RunSetup, maps: dict[str, np.ndarray], image: str, test: str,
+                display: np.ndarray) -> Figure:
+    """The paper's grid of one image in one test: its maps, method × stage."""
+    grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
+            if figure_key(image, test, m.label) in maps}
+    return stage_grid_figure(display, grid, setup.stage_names[test],
+                             title=f"{image} - {TITLES.get(test, test)} "
+                                   f"({setup.config.model.name})")
+
+
+def test_curves(setup: RunSetup, summary: list[SummaryRow], test: str) -> Figure:
+    """A test's similarity curves; the random-network floor only where it applies (it
+    compares plain maps: not sMPRT's averaged ones)."""
+    floors = {(s.method, s.metric): s for s in summary if s.test == FLOOR_TEST}
+    return curves_figure(summary, test, test_metrics(setup, test),
+                         floors=floors if test in FLOOR_TESTS else {},
+                         level=setup.config.runtime.ci_level)
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
