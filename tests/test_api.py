@@ -234,3 +234,31 @@ def test_figures_come_back_as_matplotlib_figures_and_the_result_shows_as_html() 
     html = result._repr_html_()
     assert html.count("<tr style=") == len(result.verdicts) == 3
     assert all(v.verdict in html for v in result.verdicts) and "spearman_abs" in html
+
+
+@pytest.mark.slow
+def test_the_notebook_example_reproduces_the_quickstarts_cascading_result(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import runpy
+
+    monkeypatch.setenv("SALIENCYCHECK_CACHE", str(REPO / ".cache"))  # the tests' trained model
+    example = runpy.run_path(str(REPO / "examples" / "notebook_quickstart.py"))
+    verdicts = {v.method: v.verdict for v in example["result"].verdicts}
+    # the paper's finding: the gradient changes under randomization, guided backprop does not
+    assert verdicts["gradient"] == "PASS" and verdicts["guided_backprop"] == "FAIL"
+    assert example["result"].passed
+    assert "gate: passed" in capsys.readouterr().out
+
+
+def test_the_readmes_python_api_example_runs_as_written(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # its result.save("runs/notebook") lands here
+    namespace: dict = {}
+    exec(compile(code, "README.md (Python API)", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "runs" / "notebook" / "report.csv").is_file()
+    assert namespace["result"].verdicts
