@@ -188,6 +188,7 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
     if isinstance(targets, Tensor):
         labels = tensor_targets(targets, refs)
         targets = "label"
+    tests, label_models = label_models_of(tests)
     data = _config_dict(model, images, targets=targets, methods=methods, tests=tests,
                         metrics=metrics, device=device, seed=seed, config=config)
     temporary = None
@@ -199,7 +200,7 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
                            change="set output=", forcing="pass force=True")
     data["output"]["dir"] = str(Path(output).resolve())
     loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
-    setup = prepare(loaded, model=model, images=refs, labels=labels)
+    setup = prepare(loaded, model=model, images=refs, labels=labels, label_models=label_models)
     with _progress_bar(progress) as advance:
         run = run_check(setup, progress=advance, force=force)
     return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
@@ -250,6 +251,25 @@ def tensor_targets(targets: Tensor, refs: list[ImageRef] | None) -> dict[str, in
         raise UsageError(f"check(): targets must be an ({len(refs)},) tensor of classes, one per "
                          f"image; got shape {tuple(targets.shape)}")
     return {ref.id: int(t) for ref, t in zip(refs, targets.tolist())}
+
+
+def label_models_of(tests: dict[str, Any] | None
+                    ) -> tuple[dict[str, Any] | None, dict[str, nn.Module] | None]:
+    """``tests`` with the label randomization models handed over in memory
+    (``{"label_randomization": {"model": m, "control": c}}``) taken out, the section then
+    naming them as checkpoints ``<memory>``; and those models (None when not given)."""
+    section = (tests or {}).get("label_randomization")
+    if not isinstance(section, dict) or "model" not in section:
+        return tests, None
+    section = dict(section)
+    given = {"model": section.pop("model"), "control": section.pop("control", None)}
+    if "train" in section or "checkpoint" in section:
+        raise UsageError("check(): tests.label_randomization: give models (model=, control=) "
+                         "or checkpoints or a training recipe, not both")
+    section["checkpoint"] = MEMORY
+    if given["control"] is not None:
+        section["control_checkpoint"] = MEMORY
+    return {**tests, "label_randomization": section}, given
 
 
 def callable_method(fn: Callable[..., Tensor], index: int) -> dict[str, Any]:

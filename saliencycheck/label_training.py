@@ -113,6 +113,35 @@ def obtain_label_models(model: nn.Module, example: torch.Tensor, section: LabelR
                        recipe=recipe.model_dump() | {"data_listing": data.listing})
 
 
+def from_modules(model: nn.Module, example: torch.Tensor,
+                 given: dict[str, nn.Module]) -> LabelModels:
+    """The test's models handed over in memory (``check(tests={"label_randomization":
+    {"model": ..., "control": ...}})``): copies in eval mode, checked to give the trained
+    model's logits shape on ``example``."""
+    with torch.inference_mode():
+        expected = tuple(model(example).shape)
+    models, reports = {}, []
+    for role, key in ((RANDOM_LABELS, "model"), (CONTROL, "control")):
+        if given.get(key) is None:
+            continue
+        module = given[key]
+        field = f"tests.label_randomization.{key}"
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"{field}: got {type(module).__name__}, not a torch.nn.Module")
+        copied = copy.deepcopy(module).to(example.device).eval().requires_grad_(False)
+        with torch.inference_mode():
+            got = tuple(copied(example).shape)
+        if got != expected:
+            raise ConfigError(f"{field}: its logits have shape {got} where the model's have "
+                              f"{expected}; hand over a model of the same architecture")
+        models[role] = copied
+        reports.append(ModelReport(role=role, source=f"in memory ({type(module).__name__})",
+                                   cached=False))
+    return LabelModels(models=models, reports=reports, valid=True,
+                       reason="models handed over in memory: their memorisation of permuted "
+                              "labels was not checked by saliencycheck")
+
+
 def _from_checkpoints(model: nn.Module, section: LabelRandomizationConfig,
                       resolve: Callable[[str], Path]) -> LabelModels:
     models, reports = {}, []

@@ -262,3 +262,34 @@ def test_the_readmes_python_api_example_runs_as_written(tmp_path: Path,
     exec(compile(code, "README.md (Python API)", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "runs" / "notebook" / "report.csv").is_file()
     assert namespace["result"].verdicts
+
+
+def reinitialised(seed: int) -> TwoPath:
+    model = TwoPath()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
+def test_label_randomization_with_models_in_memory_equals_their_checkpoints(
+        tmp_path: Path) -> None:
+    random_labels, control = reinitialised(1), reinitialised(2)
+    torch.save(random_labels.state_dict(), tmp_path / "random.pt")
+    torch.save(control.state_dict(), tmp_path / "control.pt")
+    tests = {"cascading": {"enabled": False}}
+    in_memory = small_check(TwoPath(), tests={**tests, "label_randomization": {
+        "model": random_labels, "control": control}}, thresholds={})
+    from_files = small_check(TwoPath(), tests={**tests, "label_randomization": {
+        "checkpoint": str(tmp_path / "random.pt"),
+        "control_checkpoint": str(tmp_path / "control.pt")}}, thresholds={})
+    assert means(in_memory) == means(from_files)
+    stages = set(in_memory.summary()["stage"])
+    assert {"random_labels", "control"} <= stages
+    with pytest.raises(sc.SaliencyCheckError, match=r"label_randomization\.model: its logits "
+                                                    r"have shape \(1, 4\)"):
+        wrong = TwoPath()
+        wrong.head = nn.Linear(6, 4)
+        small_check(TwoPath(), tests={"label_randomization": {"model": wrong}})

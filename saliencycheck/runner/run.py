@@ -23,7 +23,7 @@ from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
 from saliencycheck.data import load_images
 from saliencycheck.errors import RunInterrupted, SaliencyCheckError, StoreError, Terminated
 from saliencycheck.invariance import compensation_failure
-from saliencycheck.label_training import LabelModels, obtain_label_models
+from saliencycheck.label_training import LabelModels, from_modules, obtain_label_models
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.report.figures import (
@@ -281,6 +281,8 @@ def obtain_models(setup: RunSetup, *, retrain: bool,
     if section is None:
         return None
     example = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
+    if setup.label_models is not None:
+        return from_modules(setup.model, example, setup.label_models)
     cache = (setup.output_dir / LABEL_TEST).resolve()
     try:
         models = obtain_label_models(setup.model, example, section, pre=setup.preprocessing,

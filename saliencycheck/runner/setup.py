@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
@@ -88,6 +89,7 @@ class RunSetup:
     floor_stage: Stage | None = None  # every parameter randomized: the random-network floor
     invariance_layer: str | None = None  # the first layer, compensating the input shift
     model_in_memory: bool = False  # handed to prepare(): no worker can rebuild it from config
+    label_models: dict[str, nn.Module] | None = dataclass_field(default=None, repr=False)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -196,7 +198,8 @@ def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
 
 def prepare(loaded: LoadedConfig, *, probe_methods: bool = False,
             model: nn.Module | None = None, images: list[ImageRef] | None = None,
-            labels: dict[str, int] | None = None) -> RunSetup:
+            labels: dict[str, int] | None = None,
+            label_models: dict[str, nn.Module] | None = None) -> RunSetup:
     """Resolve the config into a `RunSetup` (builds the model, loads images, plans stages).
 
     Errors name the config file first, then the field. `probe_methods` runs every method once
@@ -205,10 +208,12 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False,
     A ``model`` given here is used instead of the config's ``model:`` section: a copy of it,
     so the caller's module is never moved, randomized or otherwise changed. ``images`` (refs
     holding preprocessed tensors) and their ``labels`` replace ``images.path`` and
-    ``images.labels`` likewise.
+    ``images.labels`` likewise, and ``label_models`` ({'model': ..., 'control': ...}) the
+    label randomization test's checkpoints.
     """
     try:
-        setup = _prepare(loaded, model, images, labels)
+        setup = replace(_prepare(loaded, model, images, labels, label_models is not None),
+                        label_models=label_models)
         if images is None:
             check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
                         [ref.path for ref in setup.images], field="output.dir")
@@ -324,7 +329,8 @@ def in_memory(module: nn.Module) -> LoadedModel:
 
 def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
              given_images: list[ImageRef] | None = None,
-             given_labels: dict[str, int] | None = None) -> RunSetup:
+             given_labels: dict[str, int] | None = None,
+             label_models_given: bool = False) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
@@ -333,7 +339,8 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
-    check_label_sources(loaded)
+    if not label_models_given:
+        check_label_sources(loaded)
     pre = resolve_preprocessing(config, built.preprocessing)
 
     labels = None
