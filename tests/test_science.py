@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saliencycheck.config import LoadedConfig, parse_config
-from saliencycheck.runner import prepare, run_check
+import saliencycheck as sc
 from saliencycheck.zoo import DIGITS_TRAIN_COUNT, accuracy, digits_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,33 +27,20 @@ def test_digits_model_is_trained(digits_model) -> None:
 
 
 @pytest.fixture(scope="module")
-def cascading_summary(digits_model, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setattr("saliencycheck.zoo.digits_resnet18", lambda **_: digits_model)
-    config = parse_config({
-        "model": {"factory": "saliencycheck.zoo:digits_resnet18", "num_classes": 10},
-        "images": {"path": str(ROOT / "sample_images" / "digits"), "size": 64,
-                   "mean": [0.5] * 3, "std": [0.5] * 3},
-        "methods": ["gradient", "guided_backprop"],
-        "tests": {"cascading": {"enabled": True, "granularity": "block"}},
-        "metrics": ["spearman_abs", "spearman"],
-        "runtime": {"device": "cpu", "batch_size": 20},
-        "output": {"dir": str(tmp_path_factory.mktemp("science")), "figures": False},
-    })
+def cascading_summary(digits_model):
     before = {k: v.clone() for k, v in digits_model.state_dict().items()}
-    setup = prepare(LoadedConfig(config=config, source=ROOT / "configs" / "science.yaml"))
-    result = run_check(setup)
-    assert len(setup.images) == 20
+    result = sc.check(digits_model, ROOT / "sample_images" / "digits",
+                      image_settings={"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+                      methods=["gradient", "guided_backprop"],
+                      tests={"cascading": {"enabled": True, "granularity": "block"}},
+                      metrics=["spearman_abs", "spearman"], device="cpu",
+                      runtime={"batch_size": 20}, output_settings={"figures": False})
+    assert len(result.setup.images) == 20
     # The run randomized a working copy only: the user's model is bit-identical afterwards.
     after = digits_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None and p.requires_grad for p in digits_model.parameters())
-    return {(s.method, s.stage, s.metric): s for s in result.summary}
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+    return {(s.method, s.stage, s.metric): s for s in result.run.summary}
 
 
 def test_gradient_is_sensitive_to_the_top_layers(cascading_summary) -> None:
