@@ -1,8 +1,8 @@
 """The run configuration: one pydantic model per YAML section, validated before anything runs.
 
-This module imports no torch, so `saliencycheck validate` and `init` start fast and config
-errors surface before a model is built. Every field carries a description: `saliencycheck init`
-and the README reference are generated from them.
+Config errors surface before a model is built. The metric names are the metrics registry's
+(``saliencycheck.metrics``), read, not copied. Every field carries a description:
+`saliencycheck init` and the reference in docs/config.md are generated from them.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from saliencycheck.config import Config
 HEADER = """\
 # saliencycheck config. Validate with `saliencycheck validate THIS_FILE`, run with
 # `saliencycheck run THIS_FILE`. Every key is optional; shown values are the defaults.
-# Reference: README.md, "Config reference".
+# Reference: docs/config.md (every key, its default and meaning).
 """
 
 EXAMPLE_METHODS = [

@@ -1,4 +1,4 @@
-"""Print the README's config reference table from the pydantic schema (so the two never drift)."""
+"""Print docs/config.md's config reference table from the pydantic schema (the two never drift)."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from saliencycheck.data import (
 from saliencycheck.errors import ConfigError
 from saliencycheck.models import build_model
 from tests.test_cli import tiny_cnn
+from tests.test_hardening import _config as hardening_config
 
 runner = CliRunner()
 RNG = np.random.default_rng(0)
@@ -55,21 +56,11 @@ def _images(folder: Path, names: tuple[str, ...] = ("img0.png", "img1.png")) -> 
 
 
 def _config(tmp_path: Path, **changes: object) -> Path:
-    """A config for a tiny model, two images, one method and no test: validate in a second."""
-    config = {
-        "model": {"factory": "tests.test_cli:tiny_cnn", "num_classes": 4},
-        "images": {"path": "images", "size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
-        "methods": ["gradient"],
-        "tests": {"cascading": {"enabled": False}},
-        "metrics": ["spearman_abs"],
-        "baselines": {"random_floor": False, "edges": False},
-        "runtime": {"device": "cpu", "bootstrap": 100},
-        "output": {"dir": "out", "figures": False},
-        **changes,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """test_hardening's config for a tiny model, smaller (16 px) and with no test: validate
+    in a second."""
+    quick = {"images": {"path": "images", "size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
+             "tests": {"cascading": {"enabled": False}}}
+    return hardening_config(tmp_path, **{**quick, **changes})
 
 
 def _error_line(result, exit_code: int) -> str:
