@@ -422,8 +422,8 @@ def test_the_confidence_level_reaches_the_summary_verdicts_and_figures(project,
     from saliencycheck.report import figures
 
     titles = []
-    original = figures.plt.Figure.suptitle
-    monkeypatch.setattr(figures.plt.Figure, "suptitle",
+    original = figures.Figure.suptitle
+    monkeypatch.setattr(figures.Figure, "suptitle",
                         lambda fig, text, **kw: titles.append(text) or original(fig, text, **kw))
     intervals = {}
     for level in ("0.5", "0.95"):
