@@ -57,7 +57,7 @@ from benchmarks.workloads import (  # noqa: E402
 )
 from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
 from saliencycheck.data import load_images  # noqa: E402
-from saliencycheck.host_memory import reused_host_memory  # noqa: E402
+from saliencycheck.engine.host_memory import reused_host_memory  # noqa: E402
 from saliencycheck.methods import compute_maps  # noqa: E402
 from saliencycheck.metrics import spearman  # noqa: E402
 from saliencycheck.randomization import RandomizedModels  # noqa: E402
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
                         help="allocator for every contender alike: 'reuse' keeps freed host "
                         "memory on the heap, as saliencycheck runs do "
-                        "(saliencycheck.host_memory); 'system' is glibc's default")
+                        "(saliencycheck.engine.host_memory); 'system' is glibc's default")
     parser.add_argument("--device-memory-gib", type=float, default=None,
                         help="runtime.device_memory_gib of the memory runs (CUDA only)")
     parser.add_argument("--no-memory", action="store_true",

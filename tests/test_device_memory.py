@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from saliencycheck.config import RuntimeConfig, load_config
+from saliencycheck.engine import device_memory as memory
 from saliencycheck.errors import ConfigError
-from saliencycheck.runner import memory
 from tests.test_cli import project  # noqa: F401  (fixture)
 
 GIB = 2**30
@@ -97,7 +97,7 @@ def test_prepare_caps_the_device_and_sizes_chunks_to_the_cap(
 
 def test_fp32_turns_tf32_off_while_computing_and_restores_the_users_settings(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from saliencycheck.fp32 import exact_fp32
+    from saliencycheck.engine.fp32 import exact_fp32
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from saliencycheck.eval_norm import EvalBatchNormMode
+from saliencycheck.engine.eval_norm import EvalBatchNormMode
 
 
 def _bn_net(dims: int) -> nn.Module:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from saliencycheck.host_memory import available
+from saliencycheck.engine.host_memory import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="tunes glibc's allocator only")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not available(), reason="tunes glibc's allocator
 # free; while reused_host_memory is active it comes from the heap and stays there when freed.
 SCRIPT = """
 import json, torch
-from saliencycheck.host_memory import reused_host_memory
+from saliencycheck.engine.host_memory import reused_host_memory
 
 def heap():
     for line in open("/proc/self/maps"):

@@ -74,7 +74,7 @@ def test_rows_with_equal_keys_are_computed_once(batch) -> None:
         handle.remove()
     # plain: the 3 images (gradient, ×input, Grad-CAM, Grad-CAM of guided Grad-CAM) and their
     # 12 noisy copies (SmoothGrad and VarGrad); guided: the 3 images (both guided methods).
-    # SmoothGrad's one-row forward finds the model's affine stem (saliencycheck.stem).
+    # SmoothGrad's one-row forward finds the model's affine stem (saliencycheck.engine.stem).
     assert shared == [1, 15, 3]
     assert sum(alone) == 3 + 3 + 3 + 3 + (3 + 3) + (1 + 12) + 12
 
@@ -95,7 +95,7 @@ class OutOfMemoryAbove(nn.Module):
 
 
 def test_out_of_memory_halves_the_chunk_and_loses_nothing(batch) -> None:
-    from saliencycheck.methods.passes import RowSource, run_requests
+    from saliencycheck.engine.passes import RowSource, run_requests
 
     model, inputs, targets = batch
     methods = [resolve_method(m) for m in METHODS if "layer" not in m]  # wrapper renames layers
@@ -163,7 +163,7 @@ def test_gauss_lobatto_shares_the_input_rows_with_the_gradient(batch) -> None:
     rows: list[int] = []
     handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
-        # each preceded by the one-row forward that finds the affine stem (saliencycheck.stem)
+        # each preceded by the one-row forward that finds the affine stem (engine.stem)
         for rule, expected in (("gauss_legendre", [1, 3 + 3 * 4]),
                                ("gauss_lobatto", [1, 3 + 3 * 3])):
             rows.clear()
@@ -179,7 +179,7 @@ def test_gauss_lobatto_shares_the_input_rows_with_the_gradient(batch) -> None:
 
 @pytest.mark.parametrize("chunk_size", [1000, 4])
 def test_the_passes_keep_the_images_logits_of_every_state(batch, chunk_size: int) -> None:
-    from saliencycheck.methods.passes import KeptLogits, RowSource, StageRequests, run_staged
+    from saliencycheck.engine.passes import KeptLogits, RowSource, StageRequests, run_staged
 
     model, inputs, targets = batch
     model = small_cnn()  # its own copy: states are entered by swapping the last weight

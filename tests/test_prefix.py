@@ -14,10 +14,10 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from saliencycheck.engine.passes import RowSource, StageRequests, run_staged
+from saliencycheck.engine.prefix import PrefixCache, prefix_modules, trace_calls
 from saliencycheck.errors import MethodError
 from saliencycheck.methods import AttributionContext, resolve_method
-from saliencycheck.methods.passes import RowSource, StageRequests, run_staged
-from saliencycheck.prefix import PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import (
     RandomizedModels,
     Stage,
@@ -240,7 +240,7 @@ def test_out_of_memory_in_a_later_stage_recomputes_only_what_is_missing() -> Non
 
 
 def test_auto_chunk_size_fits_a_share_of_free_memory() -> None:
-    from saliencycheck.runner.memory import CPU_CHUNK_ROWS, auto_chunk_size, rows_for
+    from saliencycheck.engine.device_memory import CPU_CHUNK_ROWS, auto_chunk_size, rows_for
 
     assert rows_for(10_000, 100, share=0.5) == 50
     assert rows_for(10, 100) == 1  # at least one row; a real out-of-memory then says so

@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
+from saliencycheck.engine.stem import find_affine_stem
 from saliencycheck.methods import AttributionContext, compute_maps, resolve_method
 from saliencycheck.randomization import find_blocks, plan_stages
-from saliencycheck.stem import find_affine_stem
 from tests.test_prefix import staged_maps
 
 

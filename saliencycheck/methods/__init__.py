@@ -11,7 +11,7 @@ from saliencycheck.methods import gradcam  # noqa: F401
 from saliencycheck.methods import noise_tunnel  # noqa: F401
 from saliencycheck.methods import custom  # noqa: F401
 from saliencycheck.methods.base import AttributionContext, AttributionFn
-from saliencycheck.methods.passes import ReluRuleWarning, compute_maps
+from saliencycheck.engine.passes import ReluRuleWarning, compute_maps
 from saliencycheck.methods.registry import (
     MethodParams,
     MethodSpec,

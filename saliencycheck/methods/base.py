@@ -30,7 +30,7 @@ class AttributionContext:
     ``torch.autocast`` with bfloat16 or float16; gradients w.r.t. the inputs stay float32.
     ``affine_stem`` lets integrated gradients and SmoothGrad sum their rows' gradients at the
     output of the model's affine input layers and pull back one row per image
-    (:mod:`saliencycheck.stem`); equal up to float summation order.
+    (:mod:`saliencycheck.engine.stem`); equal up to float summation order.
     """
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)

@@ -7,9 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.layers import default_layer
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.passes import (
     LayerPair,
     MethodPlan,
     Request,
@@ -18,6 +16,8 @@ from saliencycheck.methods.passes import (
     input_gradient_maps,
     planned_method,
 )
+from saliencycheck.methods.base import AttributionContext
+from saliencycheck.methods.layers import default_layer
 from saliencycheck.methods.registry import MethodParams
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.passes import (
     MethodPlan,
     Request,
     RowMaps,
@@ -13,6 +12,7 @@ from saliencycheck.methods.passes import (
     input_gradient_maps,
     planned_method,
 )
+from saliencycheck.methods.base import AttributionContext
 
 
 @planned_method("gradient", description="∂ logit of the target class / ∂ input")

@@ -11,9 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from saliencycheck.config import MAX_STEPS, at_most
-from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.baselines import Baseline, make_baseline
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.passes import (
     GroupSum,
     GroupTotal,
     MethodPlan,
@@ -21,6 +19,8 @@ from saliencycheck.methods.passes import (
     RowSource,
     planned_method,
 )
+from saliencycheck.methods.base import AttributionContext
+from saliencycheck.methods.baselines import Baseline, make_baseline
 from saliencycheck.methods.registry import MethodParams
 
 

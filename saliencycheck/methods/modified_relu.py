@@ -3,21 +3,21 @@
 Both are the input gradient with a modified backward at every ReLU application, applied by
 :class:`saliencycheck.relu_rules.ReluRuleMode` during the forward (functional calls and reused
 modules included). A model without ReLU raises MethodError; other activations keep their plain
-gradient and one :class:`~saliencycheck.methods.passes.ReluRuleWarning` per call says so.
+gradient and one :class:`~saliencycheck.engine.passes.ReluRuleWarning` per call says so.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.passes import (
     MethodPlan,
     Request,
     RowSource,
     input_gradient_maps,
     planned_method,
 )
+from saliencycheck.methods.base import AttributionContext
 
 
 @planned_method(

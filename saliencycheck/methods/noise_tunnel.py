@@ -9,9 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from saliencycheck.config import MAX_SAMPLES, at_most
-from saliencycheck.errors import ConfigError
-from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.passes import (
     GroupSum,
     GroupTotal,
     MethodPlan,
@@ -19,6 +17,8 @@ from saliencycheck.methods.passes import (
     RowSource,
     planned_method,
 )
+from saliencycheck.errors import ConfigError
+from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.registry import MethodParams, available_methods, resolve_method
 
 _WRAPPERS = ("smoothgrad", "vargrad")

@@ -32,7 +32,7 @@ class MethodSpec:
     fn: AttributionFn
     params: type[MethodParams]
     description: str
-    plan: Any = None  # PlanFn of methods built on shared passes (saliencycheck.methods.passes)
+    plan: Any = None  # PlanFn of methods built on shared passes (saliencycheck.engine.passes)
 
 
 @dataclass(frozen=True)

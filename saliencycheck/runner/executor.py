@@ -16,13 +16,9 @@ from saliencycheck.atomic import atomic_write
 from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import ENTROPY_RISE
 from saliencycheck.data import load_images, safe_name
-from saliencycheck.errors import MethodError
-from saliencycheck.fp32 import exact_fp32
-from saliencycheck.host_memory import reused_host_memory
-from saliencycheck.invariance import compensated, compensation_failure, pixel_shift
-from saliencycheck.label_training import LabelModels
-from saliencycheck.methods.baselines import make_baseline
-from saliencycheck.methods.passes import (
+from saliencycheck.engine.fp32 import exact_fp32
+from saliencycheck.engine.host_memory import reused_host_memory
+from saliencycheck.engine.passes import (
     IMAGES_KEY,
     KeptLogits,
     RowSource,
@@ -30,9 +26,13 @@ from saliencycheck.methods.passes import (
     compute_maps,
     run_staged,
 )
+from saliencycheck.engine.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
+from saliencycheck.errors import MethodError
+from saliencycheck.invariance import compensated, compensation_failure, pixel_shift
+from saliencycheck.label_training import LabelModels
+from saliencycheck.methods.baselines import make_baseline
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.postprocess import absolute, reduce_channels, sobel_magnitude
-from saliencycheck.prefix import CallTrace, PrefixCache, prefix_modules, trace_calls
 from saliencycheck.randomization import RandomizedModels, Stage, block_seed, logit_change
 from saliencycheck.results import ScoreRow, StageObservation
 from saliencycheck.runner.plan import WorkUnit
@@ -114,7 +114,7 @@ class UnitExecutor:
 
     Per unit: the logits of every stage (one prefix-cached forward each), then the images in
     groups whose rows fill one pass, each group pushed through the trained model and every
-    stage of every test in turn (:func:`~saliencycheck.methods.passes.run_staged`), so the
+    stage of every test in turn (:func:`~saliencycheck.engine.passes.run_staged`), so the
     layers a stage leaves trained are not recomputed; each group's maps are scored at once.
     """
 

@@ -26,6 +26,7 @@ from saliencycheck.data import (
     printable,
     read_labels,
 )
+from saliencycheck.engine.device_memory import auto_chunk_size, cap_device_memory
 from saliencycheck.errors import (
     ConfigError,
     DataError,
@@ -49,7 +50,6 @@ from saliencycheck.models import (
 )
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage, find_blocks, plan_stages
-from saliencycheck.runner.memory import auto_chunk_size, cap_device_memory
 from saliencycheck.runner.ownership import check_apart
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 

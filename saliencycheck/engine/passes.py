@@ -26,9 +26,17 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from saliencycheck.engine.eval_norm import EvalBatchNormMode
+from saliencycheck.engine.fp32 import exact_fp32
+from saliencycheck.engine.prefix import (
+    CallTrace,
+    PrefixCache,
+    carry_to_input,
+    prefix_modules,
+    stubbed_within,
+)
+from saliencycheck.engine.stem import find_affine_stem, pull_back
 from saliencycheck.errors import MethodError
-from saliencycheck.eval_norm import EvalBatchNormMode
-from saliencycheck.fp32 import exact_fp32
 from saliencycheck.methods.base import (
     AttributionContext,
     check_call,
@@ -42,15 +50,7 @@ from saliencycheck.methods.registry import (
     register_method,
 )
 from saliencycheck.models import get_submodule
-from saliencycheck.prefix import (
-    CallTrace,
-    PrefixCache,
-    carry_to_input,
-    prefix_modules,
-    stubbed_within,
-)
 from saliencycheck.relu_rules import ReluRuleMode
-from saliencycheck.stem import find_affine_stem, pull_back
 
 Family = Literal["plain", "guided", "deconvnet"]
 LayerPair = tuple[Tensor, Tensor]  # (activation, ∂ score / ∂ activation) of one layer
@@ -83,7 +83,7 @@ class Consumer(Protocol):
 
     ``needs_grads`` False: only the layer pair is read (``grads`` may be None). A consumer
     that needs only group sums of its rows' gradients (:class:`GroupSum`) lets the engine add
-    them up before the model's affine stem (:mod:`saliencycheck.stem`).
+    them up before the model's affine stem (:mod:`saliencycheck.engine.stem`).
     """
 
     layer: str | None  # capture (activation, gradient) at this layer for these rows
@@ -230,9 +230,9 @@ def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
 
     ``stages[0]`` is the reference (trained) state; the others must request the same rows
     (same source keys and counts; targets may differ). Each chunk of rows is built once and
-    pushed through every stage in turn. With a ``trace`` (:func:`~saliencycheck.prefix.
+    pushed through every stage in turn. With a ``trace`` (:func:`~saliencycheck.engine.prefix.
     trace_calls` of the model), the reference forward of the chunk is recorded and kept, and
-    each later stage stubs the modules it leaves unchanged (:mod:`saliencycheck.prefix`), so
+    each later stage stubs the modules it leaves unchanged (:mod:`saliencycheck.engine.prefix`), so
     only the changed suffix runs forward; gradients reach the input through the kept graph.
     ``progress`` receives the share of the whole call's rows × stages done, as it goes.
     """

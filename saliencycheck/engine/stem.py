@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from saliencycheck.eval_norm import EvalBatchNormMode
+from saliencycheck.engine.eval_norm import EvalBatchNormMode
 
 _LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
