@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from html import escape
 from os import PathLike
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saliencycheck.config import LoadedConfig, parse_config
 from saliencycheck.data import ImageRef, load_images
+from saliencycheck.engine.device_memory import memory_fraction_restored
 from saliencycheck.errors import ConfigError, UsageError
 from saliencycheck.methods import resolve_method
 from saliencycheck.methods.custom import remember
@@ -200,9 +201,13 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
                            change="set output=", forcing="pass force=True")
     data["output"]["dir"] = str(Path(output).resolve())
     loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
-    setup = prepare(loaded, model=model, images=refs, labels=labels, label_models=label_models)
-    with _progress_bar(progress) as advance:
-        run = run_check(setup, progress=advance, force=force)
+    restore = memory_fraction_restored() if loaded.config.runtime.device_memory_gib \
+        else nullcontext()
+    with restore:
+        setup = prepare(loaded, model=model, images=refs, labels=labels,
+                        label_models=label_models)
+        with _progress_bar(progress) as advance:
+            run = run_check(setup, progress=advance, force=force)
     return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
 
 

@@ -112,3 +112,20 @@ def test_fp32_turns_tf32_off_while_computing_and_restores_the_users_settings(
             assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
     finally:
         conv.fp32_precision, matmul.fp32_precision = before
+
+
+def test_the_api_puts_the_memory_fraction_back_after_a_capped_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook's later work must not stay capped by one check's device_memory_gib."""
+    fractions = {0: 0.7}  # the user's own cap before the run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
+                        lambda index: fractions[index], raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, index: fractions.__setitem__(int(index), fraction))
+    with pytest.raises(RuntimeError, match="the run failed"), \
+            memory.memory_fraction_restored():
+        fractions[0] = 0.1  # the run's cap
+        raise RuntimeError("the run failed")
+    assert fractions == {0: 0.7}

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -52,6 +55,21 @@ def cap_device_memory(device: torch.device, gib: float | None) -> int | None:
                           f"{total / 2**30:.1f} GiB of {device}; lower it or leave it unset")
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
     return budget
+
+
+@contextmanager
+def memory_fraction_restored() -> Iterator[None]:
+    """Put every GPU's per-process memory fraction back after the block: a run's
+    ``device_memory_gib`` cap must not outlive it in a notebook (the CLI's process ends with
+    its run). The fraction before is read where torch can tell it, else the default, 1."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    before = [read(index) if read else 1.0 for index in range(count)]
+    try:
+        yield
+    finally:
+        for index, fraction in enumerate(before):
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 def free_for_passes(device: torch.device, budget: int | None = None) -> int:
