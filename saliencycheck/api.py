@@ -192,15 +192,13 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
     tests, label_models = label_models_of(tests)
     data = _config_dict(model, images, targets=targets, methods=methods, tests=tests,
                         metrics=metrics, device=device, seed=seed, config=config)
-    temporary = None
-    if output is None:
-        temporary = tempfile.TemporaryDirectory(prefix="saliencycheck-")
-        output = temporary.name
-    else:  # claimed before any work, in the API's words (run_check then finds it ours)
-        OutputFolder.claim(Path(output), force=force, field="check(): output",
-                           change="set output=", forcing="pass force=True")
-    data["output"]["dir"] = str(Path(output).resolve())
+    temporary = tempfile.TemporaryDirectory(prefix="saliencycheck-") if output is None else None
+    folder = Path(temporary.name if temporary else output)
+    data["output"]["dir"] = str(folder.resolve())
     loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
+    if temporary is None:  # claimed before any work, in the API's words (then found ours)
+        OutputFolder.claim(folder, force=force, field="check(): output",
+                           change="set output=", forcing="pass force=True")
     restore = memory_fraction_restored() if loaded.config.runtime.device_memory_gib \
         else nullcontext()
     with restore:
