@@ -87,6 +87,7 @@ RUN_JSON = "run.json"  # written last: present only beside whole report files (u
 # holds no report (the files of an earlier one are removed first, so none passes for this one).
 REPORT_FILES = ("report.csv", "summary.csv", "stages.csv", "skipped.csv", "verdicts.csv")
 REPORT_DIRS = ("figures",)
+VERDICT_FIGURE = "figures/verdicts.png"
 BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
 
 
@@ -224,10 +225,9 @@ def report_outputs(setup: RunSetup) -> list[str]:
     names = [*REPORT_FILES, RUN_JSON]
     if setup.config.output.figures:
         for test in setup.stage_names:
-            names += [f"figures/{safe_name(image)}/{test}.png"
-                      for image in sorted(setup.figure_ids)]
-            names.append(f"figures/{'bars' if test in BAR_TESTS else 'curves'}_{test}.png")
-        names.append("figures/verdicts.png")
+            names += [grid_figure_path(image, test) for image in sorted(setup.figure_ids)]
+            names.append(test_figure_path(test))
+        names.append(VERDICT_FIGURE)
     return names
 
 
@@ -358,9 +358,8 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
         write_verdicts(out / "verdicts.csv", verdicts)
         written.append(out / "verdicts.csv")
         if setup.config.output.figures:
-            verdict_heatmap(out / "figures" / "verdicts.png", verdicts,
-                            level=setup.config.runtime.ci_level)
-            written.append(out / "figures" / "verdicts.png")
+            written.append(out / VERDICT_FIGURE)
+            verdict_heatmap(written[-1], verdicts, level=setup.config.runtime.ci_level)
     store.folder.record(written)
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / RUN_JSON, timings=timings, units_done=len(stored.unit_ids),
@@ -395,7 +394,7 @@ def invariance_check(setup: RunSetup, observations: list) -> dict | None:
 def write_figures(setup: RunSetup, store: ResultStore,
                   summary: list[SummaryRow]) -> list[Path]:
     """Every figure of the report; returns their paths."""
-    figures = setup.output_dir / "figures"
+    out = setup.output_dir
     written: list[Path] = []
     maps = store.figure_maps()
     shown = {key.split("|")[0] for key in maps}
@@ -404,21 +403,30 @@ def write_figures(setup: RunSetup, store: ResultStore,
     for test in setup.stage_names:
         images = sorted({key.split("|")[0] for key in maps if key.split("|")[1] == test})
         for image in images:
-            written.append(figures / safe_name(image) / f"{test}.png")
+            written.append(out / grid_figure_path(image, test))
             save_figure(grid_figure(setup, maps, image, test, by_id[image].display),
                         written[-1], bbox_inches="tight", pad_inches=0.1)
         metrics = test_metrics(setup, test)
+        written.append(out / test_figure_path(test))
         if test in BAR_TESTS:  # alternatives to compare, not a sequence
-            written.append(figures / f"bars_{test}.png")
             comparison_bars(written[-1], summary, test, metrics,
                             title=TITLES[test], ylabel="rise over the trained map's entropy"
                             if test == ENTROPY_TEST else "similarity to trained map",
                             methods=[m.label for m in setup.methods],
                             level=setup.config.runtime.ci_level)
         else:
-            written.append(figures / f"curves_{test}.png")
             save_figure(test_curves(setup, summary, test), written[-1])
     return written
+
+
+def grid_figure_path(image: str, test: str) -> str:
+    """Where an image's stage grid in ``test`` goes, relative to the output folder."""
+    return f"figures/{safe_name(image)}/{test}.png"
+
+
+def test_figure_path(test: str) -> str:
+    """Where a test's summary figure goes: bars for alternatives, curves for a cascade."""
+    return f"figures/{'bars' if test in BAR_TESTS else 'curves'}_{test}.png"
 
 
 def test_metrics(setup: RunSetup, test: str) -> list[str]:
