@@ -89,7 +89,10 @@ def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
     ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_title(metric, fontsize=9)
     if metric != "entropy_rise":  # similarities are bounded; the entropy rise is not
-        ax.set_ylim(-1.05 if metric in ("spearman", "pearson") else -0.05, 1.05)
+        # signed correlations span [-1, 1]; the others may dip below 0 too (a Spearman of
+        # absolute maps, SSIM): then the axis opens to -1 rather than clip the curve
+        signed = metric in ("spearman", "pearson") or ax.dataLim.y0 < -0.05
+        ax.set_ylim(-1.05 if signed else -0.05, 1.05)
 
 
 def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
