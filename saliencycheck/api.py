@@ -29,7 +29,7 @@ from saliencycheck.data import ImageRef, load_images
 from saliencycheck.engine.device_memory import memory_fraction_restored
 from saliencycheck.errors import ConfigError, UsageError
 from saliencycheck.methods import resolve_method
-from saliencycheck.methods.custom import remember
+from saliencycheck.methods.custom import IN_MEMORY, forget, remember
 from saliencycheck.runner import RunResult, RunSetup, prepare, run_check
 from saliencycheck.runner.ownership import OutputFolder
 from saliencycheck.runner.run import grid_figure, test_curves
@@ -195,17 +195,24 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
     temporary = tempfile.TemporaryDirectory(prefix="saliencycheck-") if output is None else None
     folder = Path(temporary.name if temporary else output)
     data["output"]["dir"] = str(folder.resolve())
-    loaded = LoadedConfig(config=parse_config(data, source=SOURCE), source=Path.cwd() / SOURCE)
-    if temporary is None:  # claimed before any work, in the API's words (then found ours)
-        OutputFolder.claim(folder, force=force, field="check(): output",
-                           change="set output=", forcing="pass force=True")
-    restore = memory_fraction_restored() if loaded.config.runtime.device_memory_gib \
-        else nullcontext()
-    with restore:
-        setup = prepare(loaded, model=model, images=refs, labels=labels,
-                        label_models=label_models)
-        with _progress_bar(progress) as advance:
-            run = run_check(setup, progress=advance, force=force)
+    functions = [m["callable"] for m in data.get("methods", [])
+                 if isinstance(m, dict) and str(m.get("callable", "")).startswith(IN_MEMORY)]
+    try:
+        loaded = LoadedConfig(config=parse_config(data, source=SOURCE),
+                              source=Path.cwd() / SOURCE)
+        if temporary is None:  # claimed before any work, in the API's words (then found ours)
+            OutputFolder.claim(folder, force=force, field="check(): output",
+                               change="set output=", forcing="pass force=True")
+        restore = memory_fraction_restored() if loaded.config.runtime.device_memory_gib \
+            else nullcontext()
+        with restore:
+            setup = prepare(loaded, model=model, images=refs, labels=labels,
+                            label_models=label_models)
+            with _progress_bar(progress) as advance:
+                run = run_check(setup, progress=advance, force=force)
+    finally:
+        for name in functions:  # the functions were needed for this run only
+            forget(name)
     return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
 
 

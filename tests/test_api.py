@@ -293,3 +293,10 @@ def test_label_randomization_with_models_in_memory_equals_their_checkpoints(
         wrong = TwoPath()
         wrong.head = nn.Linear(6, 4)
         small_check(TwoPath(), tests={"label_randomization": {"model": wrong}})
+
+
+def test_a_function_passed_as_a_method_is_not_kept_after_its_run() -> None:
+    from saliencycheck.methods import custom
+
+    small_check(TwoPath(), methods=[captum_input_x_gradient], thresholds={})
+    assert not [n for n in custom._FUNCTIONS if "captum_input_x_gradient" in n]

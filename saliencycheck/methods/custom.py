@@ -27,6 +27,11 @@ def remember(fn: Callable[..., Tensor]) -> str:
     return name
 
 
+def forget(name: str) -> None:
+    """Drop a remembered function once its run is over (its closure may hold large tensors)."""
+    _FUNCTIONS.pop(name, None)
+
+
 def _function(name: str) -> Callable[..., Tensor]:
     """The function a ``callable`` names: remembered, or imported (ValueError if neither)."""
     if name.startswith(IN_MEMORY):
