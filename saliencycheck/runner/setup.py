@@ -212,8 +212,7 @@ def prepare(loaded: LoadedConfig, *, probe_methods: bool = False,
     label randomization test's checkpoints.
     """
     try:
-        setup = replace(_prepare(loaded, model, images, labels, label_models is not None),
-                        label_models=label_models)
+        setup = _prepare(loaded, model, images, labels, label_models)
         if images is None:
             check_apart(setup.output_dir, loaded.resolve(setup.config.images.path),
                         [ref.path for ref in setup.images], field="output.dir")
@@ -330,7 +329,7 @@ def in_memory(module: nn.Module) -> LoadedModel:
 def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
              given_images: list[ImageRef] | None = None,
              given_labels: dict[str, int] | None = None,
-             label_models_given: bool = False) -> RunSetup:
+             label_models: dict[str, nn.Module] | None = None) -> RunSetup:
     config = loaded.config
     methods = resolve_methods(config)
     device = resolve_device(config.runtime.device)
@@ -339,7 +338,7 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         build_model(config.model, resolve=loaded.resolve)
     model = built.module
     check_layers(model, methods)
-    if not label_models_given:
+    if label_models is None:
         check_label_sources(loaded)
     pre = resolve_preprocessing(config, built.preprocessing)
 
@@ -427,7 +426,7 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
         images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
         context=context, floor_stage=floor_stage, invariance_layer=invariance_layer,
-        model_in_memory=given is not None,
+        model_in_memory=given is not None, label_models=label_models,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,
                                 percentile=config.postprocess.percentile,
