@@ -169,7 +169,7 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
         stages = all_stages = setup.stages["cascading"]
         if workload.stage_limit:
             stages = stages[: workload.stage_limit]
-            setup = dataclasses.replace(setup, stages={"cascading": stages})
+            setup = dataclasses.replace(setup, plans={**setup.plans, "cascading": stages})
         tests = setup.config.tests
         seed = setup.config.runtime.seed
         chunk = setup.context.chunk_size
@@ -190,8 +190,8 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 return model(inputs).argmax(dim=1)
 
         def run_minimal(limit: int | None = None) -> None:
-            run_setup = dataclasses.replace(setup, stages={"cascading": stages[:limit]}) \
-                if limit else setup
+            run_setup = dataclasses.replace(
+                setup, plans={**setup.plans, "cascading": stages[:limit]}) if limit else setup
             executor = UnitExecutor(run_setup)
             targets = targets_of(setup.model)
             trace = executor.prefix_trace(inputs[:1])
@@ -212,8 +212,9 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
         def run_saliencycheck(limit: int | None = None) -> None:
             run_setup = setup
             if limit:
-                run_setup = dataclasses.replace(setup, stages={"cascading": stages[:limit]},
-                                                output_dir=tmp / "warmup")
+                run_setup = dataclasses.replace(
+                    setup, plans={**setup.plans, "cascading": stages[:limit]},
+                    output_dir=tmp / "warmup")
             result = run_check(run_setup)
             if not limit:
                 sc_timings.update(result.timings, summary=result.summary)

@@ -291,12 +291,12 @@ def _show_result(result, *, junit: Path | None, as_json: bool, folder) -> None: 
     for path, reason in result.skipped:
         err_console.print(f"[yellow]warning:[/] skipped unreadable image {path}: {reason}",
                           highlight=False)
-    invariance = result.input_invariance
-    if invariance and not invariance["valid"]:
-        err_console.print(f"[yellow]warning:[/] input invariance is invalid: "
-                          f"{escape(invariance['reason'])}; its scores say nothing (flagged in "
-                          "report.csv's note, INVALID where a threshold is set)",
-                          highlight=False, soft_wrap=True)
+    for test, info in result.validity.items():
+        if not info["valid"]:
+            err_console.print(f"[yellow]warning:[/] {test.replace('_', ' ')} is invalid: "
+                              f"{escape(info['reason'])}; its scores say nothing (flagged in "
+                              "report.csv's note, INVALID where a threshold is set)",
+                              highlight=False, soft_wrap=True)
     for test, stage in result.unchanged_stages:
         err_console.print(f"[yellow]warning:[/] {test} stage {stage} left the logits unchanged: "
                           "the randomized block does not reach the output, so its scores say "
@@ -325,126 +325,24 @@ def _progress() -> Progress:
                     transient=False)
 
 
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
-
-
-def _method_table(result, title: str, cell) -> Table:  # noqa: ANN001
-    """Methods × metrics, each cell ``cell(method, metric)``."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("method", no_wrap=True)
-    for metric in result.metrics:
-        table.add_column(metric, justify="right")
-    for method in result.methods:
-        table.add_row(method, *[cell(method, metric) for metric in result.metrics])
-    return table
-
-
-def _mean_cell(scores: dict) -> object:
-    """A cell function showing ``scores[(method, metric)].mean`` ("-" when absent)."""
-    return lambda method, metric: (_fmt(scores[(method, metric)].mean)
-                                   if (method, metric) in scores else "-")
-
-
-def _floor_cell(scores: dict) -> object:
-    """Like :func:`_mean_cell`, with the distance above the random-network floor (Δ)."""
-    def cell(method: str, metric: str) -> str:
-        row = scores.get((method, metric))
-        if row is None:
-            return "-"
-        if math.isnan(row.above_floor):
-            return _fmt(row.mean)
-        return f"{_fmt(row.mean)}\n[dim]Δ{_fmt(row.above_floor)}[/]"  # two lines: stays narrow
-    return cell
-
-
 def _print_summary(result, console: Console) -> None:  # noqa: ANN001
-    from saliencycheck.runner.setup import ENTROPY_TEST, LABEL_TEST
-    from saliencycheck.verdicts import EDGE_TEST, FLOOR_TEST
+    """Each check's table (its own: ``Check.table``), then where the outputs are."""
+    from saliencycheck.checks import CHECKS
+    from saliencycheck.checks.base import View
 
-    floor = any(s.test == FLOOR_TEST for s in result.summary)
-    for test, final in result.final_stage.items():
-        if test == LABEL_TEST:
-            _print_label_summary(result, console)
-            continue
-        if test == ENTROPY_TEST:
-            _print_entropy_summary(result, console)
-            continue
-        rows = {(s.method, s.metric): s for s in result.summary
-                if s.test == test and s.stage_index == final}
-        shows_floor = floor and any(not math.isnan(s.floor) for s in rows.values())
-        console.print(_method_table(
-            result, f"{test}: similarity to the trained model's maps at the final stage "
-                    f"({final}), mean over images"
-                    + ("; Δ: above the random-network floor" if shows_floor else ""),
-            _floor_cell(rows)))
-    for baseline, title in (
-            (FLOOR_TEST, "random-network floor: two fully random copies of the model scored "
-                         "against each other (a score near it means unrelated)"),
-            (EDGE_TEST, "edge-detector similarity: the trained model's maps against the "
-                        "input's Sobel edges")):
-        scores = {(s.method, s.metric): s for s in result.summary if s.test == baseline}
-        if scores:
-            console.print(_method_table(result, f"{title}, mean over images",
-                                        _mean_cell(scores)))
+    for check in CHECKS:
+        table = check.table(View(summary=result.summary, methods=result.methods,
+                                 metrics=result.metrics,
+                                 final=result.final_stage.get(check.name),
+                                 validity=result.validity.get(check.name)))
+        if table is not None:
+            console.print(table, highlight=False)
     if any(math.isnan(s.mean) for s in result.summary):
         console.print("n/a: undefined for every image, e.g. a constant (all-zero) map; "
                       "report.csv says why in its note column", highlight=False)
     console.print(f"outputs in {result.output_dir.resolve()} (report.csv, summary.csv, stages.csv, "
                   f"figures/, run.json); compute {result.timings.get('compute_s', 0):.1f} s",
                   highlight=False)
-
-
-def _print_entropy_summary(result, console: Console) -> None:  # noqa: ANN001
-    """eMPRT: each method's map entropy on the trained and the fully randomized model, and
-    the relative rise (higher: the map reacts more to the randomization)."""
-    from saliencycheck.config import ENTROPY_RISE
-    from saliencycheck.runner.setup import ENTROPY_TEST
-    from saliencycheck.verdicts import ENTROPY
-
-    rows = {(s.method, s.stage_index, s.metric): s.mean for s in result.summary
-            if s.test == ENTROPY_TEST}
-    table = Table(title="entropy_mprt: histogram entropy of the maps (nats), mean over images",
-                  title_justify="left")
-    for column in ("method", "trained", "fully randomized", "relative rise"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for method in result.methods:
-        table.add_row(method, *[_fmt(rows.get(key, math.nan)) for key in (
-            (method, 0, ENTROPY), (method, 1, ENTROPY), (method, 1, ENTROPY_RISE))])
-    console.print(table)
-
-
-def _print_label_summary(result, console: Console) -> None:  # noqa: ANN001
-    """Similarity of the random-label model's maps to the trained model's, next to the
-    control's (what retraining with true labels alone does), and whether the test is valid."""
-    from saliencycheck.label_training import CONTROL, RANDOM_LABELS
-    from saliencycheck.runner.setup import LABEL_TEST
-
-    info = result.label_randomization
-    rows = {(s.method, s.stage, s.metric): s for s in result.summary if s.test == LABEL_TEST}
-    has_control = any(stage == CONTROL for _, stage, _ in rows)
-
-    shows_floor = any(not math.isnan(s.above_floor) for (_, stage, _), s in rows.items()
-                      if stage == RANDOM_LABELS)
-
-    def cell(method: str, metric: str) -> str:
-        random = rows.get((method, RANDOM_LABELS, metric))
-        control = rows.get((method, CONTROL, metric))
-        text = (_fmt(random.mean) if random else "-") + (
-            f" ({_fmt(control.mean)})" if control else "")
-        if random and not math.isnan(random.above_floor):
-            text += f"\n[dim]Δ{_fmt(random.above_floor)}[/]"
-        return text
-
-    console.print(_method_table(
-        result, "label_randomization: similarity to the trained model's maps, random-label "
-                "model" + (" (true-label control)" if has_control else "")
-                + ", mean over images" + ("; Δ: above the random-network floor"
-                                          if shows_floor else ""), cell))
-    if info is not None:
-        status = ("[green]valid[/]" if info["valid"]
-                  else "[bold yellow]INVALID[/] (not passed, not failed)")
-        console.print(f"label randomization: {status}: {info['reason']}", highlight=False)
 
 
 def _print_verdicts(result, console: Console) -> None:  # noqa: ANN001

@@ -25,24 +25,26 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from saliencycheck.checks import get_check
 from saliencycheck.errors import DataError
-from saliencycheck.label_training import CONTROL
-from saliencycheck.verdicts import COMPLETENESS_TEST, EDGE_TEST, PASS
+from saliencycheck.verdicts import PASS
 
 Key = tuple[str, str, int, str]  # method, test, stage_index, metric
-HIGHER_IS_BETTER = {("input_invariance", None), ("entropy_mprt", "entropy_rise")}
-NOT_JUDGED = {("random_floor", None), (EDGE_TEST, None), ("entropy_mprt", "entropy")}
-NOT_JUDGED_STAGES = {("label_randomization", CONTROL)}  # (test, stage name)
-# Stage 0 is the trained model compared with itself (a score of 1), except for the tests
-# that score the trained model alone.
-TRAINED_MODEL_TESTS = {COMPLETENESS_TEST}
 
 
 def _worse_when(test: str, metric: str, stage: str) -> int:
-    """+1: a rise is a regression; −1: a fall is; 0: not compared (a description)."""
-    if {(test, None), (test, metric)} & NOT_JUDGED or (test, stage) in NOT_JUDGED_STAGES:
-        return 0
-    return -1 if {(test, None), (test, metric)} & HIGHER_IS_BETTER else 1
+    """+1: a rise is a regression; −1: a fall is; 0: not compared (a description). Each
+    check says (``Check.direction``); a test this version does not know is compared as a
+    similarity."""
+    check = get_check(test)
+    return 1 if check is None else check.direction(metric, stage)
+
+
+def _compared(test: str, stage_index: int) -> bool:
+    """Stage 0 is the trained model compared with itself (a score of 1), except for the
+    checks that score the trained model alone (completeness)."""
+    check = get_check(test)
+    return stage_index > 0 or (check is not None and check.compares_trained())
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _means(folder: Path) -> dict[Key, tuple[str, float]]:
     try:
         return {(r["method"], r["test"], int(r["stage_index"]), r["metric"]):
                 (r["stage"], float(r["mean"])) for r in rows
-                if int(r["stage_index"]) > 0 or r["test"] in TRAINED_MODEL_TESTS}
+                if _compared(r["test"], int(r["stage_index"]))}
     except (KeyError, ValueError) as exc:
         raise DataError(f"{folder / 'summary.csv'}: not a saliencycheck summary ({exc})") \
             from None

@@ -13,6 +13,9 @@ from torch import Tensor
 
 from saliencycheck.metrics import Scores
 
+ENTROPY = "entropy"  # eMPRT's per-map histogram entropy, in nats
+ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained map)) / H(trained)
+
 
 def histogram_entropy(maps: Tensor, bins: int = 100) -> Tensor:
     """Shannon entropy (nats) of each map's histogram: ``bins`` equal-width bins from the

@@ -16,21 +16,38 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from saliencycheck.checks import CHECKS, get_check
+from saliencycheck.checks.cascading import CascadingConfig
+from saliencycheck.checks.completeness import CompletenessConfig
+from saliencycheck.checks.entropy_mprt import EntropyMprtConfig
+from saliencycheck.checks.independent import IndependentConfig
+from saliencycheck.checks.input_invariance import InputInvarianceConfig
+from saliencycheck.checks.label_randomization import LabelRandomizationConfig, TrainRecipe
+from saliencycheck.checks.random_logit import RandomLogitConfig
+from saliencycheck.checks.smooth_mprt import SmoothMprtConfig
+from saliencycheck.complexity import ENTROPY_RISE
 from saliencycheck.errors import ConfigError, first_line
 from saliencycheck.metrics import METRICS
 from saliencycheck.postprocess import PostprocessOptions
+from saliencycheck.results import CI_LEVEL
+from saliencycheck.sections import MAX_SAMPLES, MAX_STEPS, Section, Threshold, at_most
 from saliencycheck.suggest import did_you_mean, not_one_of
+
+# The sections of the checks, re-exported: they are defined with their check.
+__all__ = ["MAX_SAMPLES", "MAX_STEPS", "ENTROPY_RISE", "CascadingConfig", "CompletenessConfig",
+           "EntropyMprtConfig", "IndependentConfig", "InputInvarianceConfig",
+           "LabelRandomizationConfig", "RandomLogitConfig", "SmoothMprtConfig", "Threshold",
+           "TrainRecipe", "at_most"]
 
 MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
 # Upper bounds that catch a typo (an extra zero) before hours of compute; generous for real use.
 MAX_REPEATS = 100
 MAX_BOOTSTRAP = 100_000
-MAX_SAMPLES = 10_000  # noisy copies per image (SmoothGrad, VarGrad, sMPRT)
-MAX_STEPS = 10_000  # integration steps per image
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -96,14 +113,6 @@ def _check_expansion(root: yaml.Node) -> None:
             stack += [(child, False) for child in _children(node)]
 
 
-def at_most(value: int, limit: int, *, typical: str) -> int:
-    """``value`` when it is at most ``limit``; else a ValueError naming the limit and the
-    typical values (an upper bound catches a typo such as an extra zero before hours of work)."""
-    if value > limit:
-        raise ValueError(f"{value:,} is too many: at most {limit:,} ({typical})")
-    return value
-
-
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load`` with `StrictLoader`'s checks. Raises ``yaml.YAMLError``, or
     ``RecursionError`` for a value nested thousands of levels deep."""
@@ -112,12 +121,6 @@ def parse_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
-
-
-class Section(BaseModel):
-    """Base of every section: unknown keys are errors, so typos never pass silently."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Section):
@@ -214,200 +217,6 @@ class MethodEntry(Section):
     )
 
 
-class CascadingConfig(Section):
-    enabled: bool = Field(True, description="Run cascading model-parameter randomization.")
-    granularity: Literal["block", "layer"] = Field(
-        "block",
-        description=(
-            "'block': the model's top-level children, containers expanded one level "
-            "(Inception-v3 gives the paper's 17 blocks); 'layer': every module with parameters."
-        ),
-    )
-    order: Literal["top_down", "bottom_up"] = Field(
-        "top_down", description="Randomize from the logits toward the input, or the reverse."
-    )
-
-
-class IndependentConfig(Section):
-    enabled: bool = Field(False, description="Run independent (one block at a time) randomization.")
-    granularity: Literal["block", "layer"] = Field("block", description="As for cascading.")
-    order: Literal["top_down", "bottom_up"] = Field("top_down", description="Order of stages.")
-
-
-class TrainRecipe(Section):
-    """How saliencycheck trains the random-label model (and the true-label control)."""
-
-    data: str = Field(
-        "digits",
-        description="'digits' (scikit-learn's handwritten digits, the training part [0, 1600)) "
-        "or a folder in torchvision ImageFolder layout (one sub-folder per class), relative to "
-        "the config file.",
-    )
-    limit: int | None = Field(
-        None, ge=10, description="Train on the first N examples only (a quick, smaller test)."
-    )
-    epochs: int = Field(100, ge=1, description="Most epochs; training stops early once "
-                        "min_train_accuracy is reached.")
-    lr: float = Field(1.0e-4, gt=0, description="Learning rate (paper: Adam, 1e-4).")
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum 0.9.")
-    batch_size: int = Field(50, ge=1, description="Examples per step (paper: 50).")
-    min_train_accuracy: float = Field(
-        0.95, gt=0, le=1,
-        description="Training accuracy the random-label model must reach (memorisation); "
-        "below it the test is reported invalid.",
-    )
-    control: bool = Field(
-        True, description="Also train a true-label control with the same recipe, data and init."
-    )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds the initialisation, the label "
-                      "permutation and the batch order; 0 to 2**32 - 1.")
-
-
-class LabelRandomizationConfig(Section):
-    checkpoint: str | None = Field(
-        None, description="A ready model of the same architecture trained on permuted labels "
-        "(state_dict, loaded with weights_only=True)."
-    )
-    control_checkpoint: str | None = Field(
-        None, description="With checkpoint: an optional true-label control trained the same way."
-    )
-    train: TrainRecipe | None = Field(
-        None, description="Or a recipe: saliencycheck trains (and caches) the models itself."
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LabelRandomizationConfig:
-        if (self.checkpoint is None) == (self.train is None):
-            raise ValueError("give either checkpoint: (a model trained on permuted labels) or "
-                             "train: (a recipe), not both or neither")
-        if self.control_checkpoint and self.train is not None:
-            raise ValueError("control_checkpoint goes with checkpoint:; with train: set "
-                             "train.control: true")
-        return self
-
-
-class RandomLogitConfig(Section):
-    enabled: bool = Field(
-        False, description="Random logit test (Sixt et al. 2020): the map for the explained "
-        "class against the map for another class drawn at random (seeded per image).",
-    )
-
-
-class CompletenessConfig(Section):
-    enabled: bool = Field(
-        False, description="Completeness (Sundararajan et al. 2017) of integrated_gradients and "
-        "gradient_x_input: |Σ attributions − (f(x) − f(baseline))| / |f(x) − f(baseline)|.",
-    )
-    tolerance: float = Field(
-        0.05, gt=0, description="Largest relative error (upper confidence bound) that passes.",
-    )
-
-
-class InputInvarianceConfig(Section):
-    enabled: bool = Field(
-        False, description="Input invariance (Kindermans et al. 2017): add a constant to every "
-        "pixel, compensate it in the first layer so the logits stay unchanged (checked), and "
-        "compare the maps; a reliable method's map does not change.",
-    )
-    shift: float = Field(
-        -1.0, description="The constant added to every pixel, in the image's [0, 1] scale "
-        "before normalisation (Kindermans et al.: -1, MNIST moved from [0, 1] to [-1, 0]).",
-    )
-
-    @field_validator("shift")
-    @classmethod
-    def _nonzero(cls, value: float) -> float:
-        if value == 0:
-            raise ValueError("a shift of 0 changes nothing; give a nonzero constant, e.g. -1")
-        return value
-
-
-class SmoothMprtConfig(Section):
-    enabled: bool = Field(
-        False, description="Smooth MPRT (sMPRT, Hedström et al. 2023): cascading "
-        "randomization with every map averaged over noisy copies of the input first.",
-    )
-    samples: int = Field(50, ge=2, description="Noisy copies per image; the last is noise-free.")
-
-    @field_validator("samples")
-    @classmethod
-    def _few_samples(cls, value: int) -> int:
-        return at_most(value, MAX_SAMPLES, typical="typical: 50, the authors' value; each copy "
-                       "is a pass of every method at every stage")
-    noise: float = Field(
-        0.1, gt=0, description="Noise standard deviation as a fraction of each image's range "
-        "(max - min).",
-    )
-    granularity: Literal["block", "layer"] = Field("block", description="As for cascading.")
-    order: Literal["top_down", "bottom_up"] = Field(
-        "bottom_up", description="Order of the cascade (the authors recommend bottom_up)."
-    )
-
-
-class EntropyMprtConfig(Section):
-    enabled: bool = Field(
-        False, description="Efficient MPRT (eMPRT, Hedström et al. 2023): the relative rise "
-        "of each map's histogram entropy from the trained to the fully randomized model "
-        "(higher: more sensitive). Two model states, so no order applies; the randomized "
-        "model is the cascading test's last stage, shared when cascading runs.",
-    )
-    bins: int = Field(100, ge=2, description="Equal-width histogram bins per map.")
-
-
-class TestsConfig(Section):
-    cascading: CascadingConfig = Field(
-        default_factory=CascadingConfig, description="Cascading test."
-    )
-    independent: IndependentConfig = Field(
-        default_factory=IndependentConfig, description="Independent test."
-    )
-    random_logit: RandomLogitConfig = Field(
-        default_factory=RandomLogitConfig, description="Random logit test."
-    )
-    completeness: CompletenessConfig = Field(
-        default_factory=CompletenessConfig, description="Completeness test."
-    )
-    input_invariance: InputInvarianceConfig = Field(
-        default_factory=InputInvarianceConfig, description="Input invariance test."
-    )
-    smooth_mprt: SmoothMprtConfig = Field(
-        default_factory=SmoothMprtConfig, description="Smooth MPRT test."
-    )
-    entropy_mprt: EntropyMprtConfig = Field(
-        default_factory=EntropyMprtConfig, description="Efficient (entropy) MPRT test."
-    )
-    label_randomization: LabelRandomizationConfig | None = Field(
-        None, description="Label (data) randomization test: compare with a model trained on "
-        "permuted labels (off unless given)."
-    )
-    init: Literal["reset", "normal", "shuffle"] = Field(
-        "reset",
-        description=(
-            "How randomized parameters are drawn: 'reset' (each module's own initializer), "
-            "'normal' (truncated normal with init_std), 'shuffle' (permute trained values)."
-        ),
-    )
-    init_std: float = Field(0.1, gt=0, description="Standard deviation for init: normal.")
-    reset_running_stats: bool = Field(
-        False, description="Also reset BatchNorm running statistics of randomized blocks."
-    )
-    target_on_randomized: Literal["original", "recompute"] = Field(
-        "original",
-        description=(
-            "Class explained on randomized models: the trained model's ('original', as Quantus) "
-            "or the randomized model's own top class ('recompute', as the paper's code)."
-        ),
-    )
-
-
-# The metrics are the registry's (saliencycheck.metrics), in registration order: one list.
-MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
-COMPLETE_METHODS = ("integrated_gradients", "gradient_x_input")  # what completeness checks
-# Tests whose scores compare plain maps, so the random-network floor applies to them.
-FLOOR_TESTS = ("cascading", "independent", "label_randomization", "random_logit")
-ENTROPY_RISE = "entropy_rise"  # eMPRT's score: (H(randomized map) - H(trained map)) / H(trained)
-
-
 class PostprocessConfig(Section):
     abs_reduction: Literal["sum_abs", "abs_sum", "max_abs"] = Field(
         PostprocessOptions.abs_reduction,
@@ -455,7 +264,8 @@ class RuntimeConfig(Section):
         "confidence intervals then cover images and seeds. Label randomization trains one "
         "random-label model (its interval covers images).",
     )
-    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    ci_level: float = Field(CI_LEVEL, gt=0, lt=1,
+                            description="Confidence level of the intervals.")
     bootstrap: int = Field(
         2000, ge=100, description="Bootstrap resamples (over images x repeats) per interval."
     )
@@ -530,54 +340,6 @@ class RuntimeConfig(Section):
                        "slows the intervals down")
 
 
-class Threshold(Section):
-    """When a method passes a test: its score at one stage must stay low (randomization
-    tests) or high (input invariance, entropy rise) enough."""
-
-    metric: Literal[(*METRICS, "entropy_rise")] = Field(  # type: ignore[valid-type]
-        description="The metric judged (must be listed in metrics; entropy_mprt: entropy_rise)."
-    )
-    stage: Literal["final"] | Annotated[int, Field(ge=1)] | str = Field(
-        "final",
-        description="'final' (the last stage; for label_randomization the random-label model), "
-        "a stage index, or a stage name (a block, e.g. layer4).",
-    )
-    max: float | None = Field(
-        None, description="Pass if the upper confidence bound of the mean similarity is ≤ max."
-    )
-    max_above_floor: float | None = Field(
-        None, description="Or pass if that bound is ≤ the random-network floor + this margin "
-        "(needs baselines.random_floor; cascading, independent, label_randomization and "
-        "random_logit only)."
-    )
-    min: float | None = Field(
-        None, description="Or pass if the lower confidence bound of the mean is ≥ min (for "
-        "scores that must stay high: input_invariance, entropy_mprt)."
-    )
-
-    @model_validator(mode="after")
-    def _has_bound(self) -> Threshold:
-        if sum(bound is not None for bound in (self.max, self.max_above_floor, self.min)) != 1:
-            raise ValueError("give one of max: (the highest similarity a passing method may "
-                             "keep), max_above_floor: (a margin above the random-network "
-                             "floor) or min: (the lowest score that passes)")
-        return self
-
-
-class BaselinesConfig(Section):
-    edges: bool = Field(
-        True,
-        description="Score each method's trained-model map against a Sobel edge map of the "
-        "input: how much the method behaves like an edge detector.",
-    )
-    random_floor: bool = Field(
-        True,
-        description="Score the maps of two independently, fully randomized copies of the model "
-        "(seeds runtime.seed+1 and +2) against each other: the similarity an unrelated network "
-        "of the same architecture already has, shown next to every score.",
-    )
-
-
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Output folder (relative to the config file).")
 
@@ -595,6 +357,54 @@ class OutputConfig(Section):
     save_maps: bool = Field(
         False, description="Save raw maps as maps/<image>.npz (keys test/method/stage_index)."
     )
+
+
+def _check_fields(*, baselines: bool) -> dict[str, Any]:
+    """The fields of the registered checks (``saliencycheck.checks``), in registration order:
+    a test's section under tests:, a baseline's switch under baselines:."""
+    fields: dict[str, Any] = {}
+    for check in CHECKS:
+        if check.baseline != baselines:
+            continue
+        if baselines:
+            fields[check.config_key] = (bool, Field(check.default_on,
+                                                    description=check.description))
+        elif check.optional:
+            fields[check.config_key] = (check.section | None,
+                                        Field(None, description=check.description))
+        else:
+            fields[check.config_key] = (check.section, Field(default_factory=check.section,
+                                                             description=check.description))
+    return fields
+
+
+TestsConfig = create_model(
+    "TestsConfig", __base__=Section, __doc__="The sanity tests and how they randomize.",
+    **_check_fields(baselines=False),
+    init=(Literal["reset", "normal", "shuffle"], Field(
+        "reset",
+        description=(
+            "How randomized parameters are drawn: 'reset' (each module's own initializer), "
+            "'normal' (truncated normal with init_std), 'shuffle' (permute trained values)."
+        ),
+    )),
+    init_std=(float, Field(0.1, gt=0, description="Standard deviation for init: normal.")),
+    reset_running_stats=(bool, Field(
+        False, description="Also reset BatchNorm running statistics of randomized blocks.")),
+    target_on_randomized=(Literal["original", "recompute"], Field(
+        "original",
+        description=(
+            "Class explained on randomized models: the trained model's ('original', as Quantus) "
+            "or the randomized model's own top class ('recompute', as the paper's code)."
+        ),
+    )),
+)
+BaselinesConfig = create_model(
+    "BaselinesConfig", __base__=Section, __doc__="Reference scores computed beside the tests.",
+    **_check_fields(baselines=True))
+# The metrics are the registry's (saliencycheck.metrics), in registration order: one list.
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
+JudgedTest = Literal[tuple(c.name for c in CHECKS if not c.baseline and c.thresholds)]  # type: ignore[valid-type]
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -620,7 +430,8 @@ class Config(Section):
         min_length=1,
         description="Attribution methods: names, or {name: ..., <params>} entries.",
     )
-    tests: TestsConfig = Field(default_factory=TestsConfig, description="Sanity checks to run.")
+    tests: TestsConfig = Field(  # type: ignore[valid-type]
+        default_factory=TestsConfig, description="Sanity checks to run.")
     metrics: list[MetricName] = Field(
         default_factory=lambda: list(METRICS),
         min_length=1,
@@ -633,12 +444,10 @@ class Config(Section):
         default_factory=RuntimeConfig, description="Device and batching."
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="What is written where.")
-    baselines: BaselinesConfig = Field(
+    baselines: BaselinesConfig = Field(  # type: ignore[valid-type]
         default_factory=BaselinesConfig, description="Reference scores shown next to the tests'."
     )
-    thresholds: dict[Literal["cascading", "independent", "label_randomization", "random_logit",
-                             "input_invariance", "smooth_mprt", "entropy_mprt"],
-                     Threshold] = Field(
+    thresholds: dict[JudgedTest, Threshold] = Field(
         default_factory=dict,
         description="Per test, the verdict rule: e.g. {cascading: {metric: spearman, stage: "
         "final, max: 0.25}}. Tests without one get no verdict.",
@@ -672,33 +481,35 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _thresholds_match_the_run(self) -> Config:
+        judged_only = {metric: check for check in CHECKS for metric in check.judged_metrics or ()}
         for test, threshold in self.thresholds.items():
-            section = getattr(self.tests, test)
-            if section is None or not getattr(section, "enabled", True):
+            check = get_check(test)
+            if not check.enabled(self):
                 raise ValueError(f"thresholds.{test}: the {test} test does not run; enable it "
                                  "under tests: or remove the threshold")
-            if threshold.max_above_floor is not None and test not in FLOOR_TESTS:
+            if threshold.max_above_floor is not None and not check.against_floor:
                 raise ValueError(f"thresholds.{test}.max_above_floor: the random-network floor "
                                  f"scores plain maps, not {test}'s; use max: (or min:) there")
             if threshold.max_above_floor is not None and not self.baselines.random_floor:
                 raise ValueError(f"thresholds.{test}.max_above_floor needs the random-network "
                                  "floor; set baselines.random_floor: true or use max:")
-            if (test == "entropy_mprt") != (threshold.metric == ENTROPY_RISE):
-                raise ValueError(f"thresholds.{test}.metric: entropy_mprt is judged by "
-                                 f"{ENTROPY_RISE} and only it; use {ENTROPY_RISE} there and a "
+            # a test judged by a score of its own (eMPRT's entropy rise) by that score only
+            owner = check if check.judged_metrics else judged_only.get(threshold.metric)
+            if owner is not None and (owner is not check
+                                      or threshold.metric not in check.judged_metrics):
+                metric = owner.judged_metrics[0]
+                raise ValueError(f"thresholds.{test}.metric: {owner.name} is judged by "
+                                 f"{metric} and only it; use {metric} there and a "
                                  "similarity metric elsewhere")
-            if test != "entropy_mprt" and threshold.metric not in self.metrics:
+            if owner is None and threshold.metric not in self.metrics:
                 raise ValueError(f"thresholds.{test}.metric: {threshold.metric!r} is not "
                                  f"computed; add it to metrics: {list(self.metrics)}")
         return self
 
     @model_validator(mode="after")
-    def _completeness_has_a_method(self) -> Config:
-        names = {m if isinstance(m, str) else m.name for m in self.methods}
-        if self.tests.completeness.enabled and not names & set(COMPLETE_METHODS):
-            raise ValueError("tests.completeness: it checks integrated_gradients and "
-                             "gradient_x_input, and methods has neither; add one or disable "
-                             "the test")
+    def _checks_agree(self) -> Config:
+        for check in CHECKS:
+            check.validate(self)
         return self
 
 

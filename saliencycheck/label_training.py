@@ -25,15 +25,18 @@ import torch
 from torch import nn
 
 from saliencycheck.atomic import atomic_write, atomic_write_text
-from saliencycheck.config import LabelRandomizationConfig, TrainRecipe
+from saliencycheck.checks.label_randomization import (
+    CONTROL,
+    RANDOM_LABELS,
+    LabelRandomizationConfig,
+    TrainRecipe,
+)
 from saliencycheck.data import ImageRef, load_images
 from saliencycheck.errors import ConfigError, DataError, ModelError, first_line
 from saliencycheck.models import Preprocessing, load_checkpoint
 from saliencycheck.randomization import find_blocks, reinitialize_
 from saliencycheck.zoo import DIGITS_TRAIN_COUNT, accuracy, digits_pixels, train_classifier
 
-RANDOM_LABELS = "random_labels"
-CONTROL = "control"
 TrainingProgress = Callable[[str], None]  # a one-line status
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+CI_LEVEL = 0.95  # the default confidence level of every interval (runtime.ci_level)
+FLOOR_TEST = "random_floor"  # the rows of the random-network floor, read beside every score
 ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
               "metric", "value", "note", "repeat")
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
 from saliencycheck.atomic import atomic_write_csv
-from saliencycheck.config import FLOOR_TESTS, Threshold
 from saliencycheck.errors import ConfigError
-from saliencycheck.report.tables import CI_LEVEL, FLOOR_TEST
-from saliencycheck.results import SummaryRow
+from saliencycheck.results import CI_LEVEL, FLOOR_TEST, SummaryRow
+from saliencycheck.sections import Threshold
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
-EDGE_TEST = "edge_similarity"  # summary rows of the edge-detector baseline (not a test)
-COMPLETENESS_TEST = "completeness"
-COMPLETENESS_METRIC = "relative_error"
-ENTROPY = "entropy"  # eMPRT's per-map histogram entropy (its score is config.ENTROPY_RISE)
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
                   "ci_high", "max", "floor", "verdict", "reason", "min")
 
@@ -77,8 +73,10 @@ def resolve_stage(test: str, stage: str | int, names: list[str], final: int) -> 
 
 def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
            methods: list[str], stage_names: dict[str, list[str]], final_stage: dict[str, int],
-           invalid_tests: dict[str, str] | None = None, level: float = CI_LEVEL) -> list[Verdict]:
-    """A verdict for every method and every test with a threshold."""
+           invalid_tests: dict[str, str] | None = None, level: float = CI_LEVEL,
+           floor_tests: Collection[str] = ()) -> list[Verdict]:
+    """A verdict for every method and every test with a threshold; the random-network floor
+    (``max_above_floor``) applies to the ``floor_tests`` only (those scoring plain maps)."""
     rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
     floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
     verdicts = []
@@ -91,7 +89,7 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
                                else (math.nan, math.nan, math.nan))
             # the floor scores plain maps: it is no reference for sMPRT, invariance, eMPRT
             floor = floors.get((method, threshold.metric), math.nan) \
-                if test in FLOOR_TESTS else math.nan
+                if test in floor_tests else math.nan
             upper = threshold.min is None
             limit = (threshold.min if not upper else threshold.max if threshold.max is not None
                      else floor + threshold.max_above_floor)
@@ -124,12 +122,12 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
 
 
 def completeness_verdicts(summary: list[SummaryRow], tolerance: float, *,
-                          level: float = CI_LEVEL) -> list[Verdict]:
+                          level: float = CI_LEVEL, test: str = "completeness") -> list[Verdict]:
     """PASS when the upper bound of the mean relative completeness error is ≤ tolerance (the
     mean itself where one score leaves no interval)."""
     verdicts = []
     for s in summary:
-        if s.test != COMPLETENESS_TEST:
+        if s.test != test:
             continue
         if math.isnan(s.mean):
             verdict, reason = INVALID, "f(x) = f(baseline) for every image: nothing to complete"
@@ -140,7 +138,7 @@ def completeness_verdicts(summary: list[SummaryRow], tolerance: float, *,
             verdict = PASS if bound <= tolerance else FAIL
             reason = (f"{what} relative error: {bound:.2e} "
                       f"{'≤' if verdict == PASS else '>'} tolerance {tolerance}")
-        verdicts.append(Verdict(s.method, COMPLETENESS_TEST, s.metric, 0, s.stage, s.mean,
+        verdicts.append(Verdict(s.method, test, s.metric, 0, s.stage, s.mean,
                                 s.ci_low, s.ci_high, tolerance, math.nan, verdict, reason))
     return verdicts
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TESTS = ["tests/test_verdict_rules.py", "tests/test_verdicts.py"]
+TESTS = ["tests/test_verdict_rules.py", "tests/test_verdicts.py", "tests/test_checks.py"]
 
 MUTANTS = [  # (name, file, original, mutated)
     ('bootstrap at 90 % instead of the stated level', 'saliencycheck/report/tables.py',
      'tail = (1 - level) / 2 * 100',
      'tail = (1 - 0.90) / 2 * 100'),
-    ('library default level 0.90', 'saliencycheck/report/tables.py',
-     'CI_LEVEL: float = RuntimeConfig.model_fields["ci_level"].default',
-     'CI_LEVEL: float = 0.90'),
+    ('library default level 0.90', 'saliencycheck/results.py',
+     'CI_LEVEL = 0.95',
+     'CI_LEVEL = 0.90'),
     ('completeness judged on the mean', 'saliencycheck/verdicts.py',
      'bound = s.mean if one else s.ci_high',
      'bound = s.mean'),
@@ -36,9 +36,9 @@ MUTANTS = [  # (name, file, original, mutated)
      '    if stage == "final":\n        return final',
      '    if stage == "final":\n        return len(names) - 1'),
     ('final stage of label randomization is the last (the control)',
-     'saliencycheck/runner/setup.py',
-     '        if LABEL_TEST in final:\n            final[LABEL_TEST] = 1',
-     '        if False:\n            final[LABEL_TEST] = 1'),
+     'saliencycheck/checks/label_randomization.py',
+     'not a later stage)."""\n        return 1',
+     'not a later stage)."""\n        return len(names) - 1'),
     ('max rule on the lower bound', 'saliencycheck/verdicts.py',
      'bound = mean if one else high if upper else low',
      'bound = mean if one else low if upper else high'),
@@ -55,7 +55,7 @@ MUTANTS = [  # (name, file, original, mutated)
      'else floor + threshold.max_above_floor)',
      'else threshold.max_above_floor)'),
     ('floor used for every test', 'saliencycheck/verdicts.py',
-     'if test in FLOOR_TESTS else math.nan',
+     'if test in floor_tests else math.nan',
      'if True else math.nan'),
     ('one image: no fallback to the mean', 'saliencycheck/verdicts.py',
      'one = not math.isfinite(high)  # one image: no interval',
@@ -81,6 +81,13 @@ MUTANTS = [  # (name, file, original, mutated)
     ('ssim default data range drifts', 'saliencycheck/metrics.py',
      'data_range: float = PostprocessOptions.ssim_data_range',
      'data_range: float = 2.0'),
+    ('random logit loses its floor', 'saliencycheck/checks/random_logit.py',
+     '    against_floor = True\n', ''),
+    ('input invariance judged like a randomization test', 'saliencycheck/checks/'
+     'input_invariance.py', '    higher_is_better = True\n', ''),
+    ('completeness reads as a randomization stage', 'saliencycheck/checks/completeness.py',
+     '    def compares_trained(self) -> bool:\n        return True',
+     '    def compares_trained(self) -> bool:\n        return False'),
     ('bootstrap resamples only images', 'saliencycheck/report/tables.py',
      'cols = rng.integers(0, repeats, (count, 1, repeats))',
      'cols = np.broadcast_to(np.arange(repeats), (count, 1, repeats))'),

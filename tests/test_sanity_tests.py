@@ -17,6 +17,7 @@ from scipy import stats
 from torch import nn
 from typer.testing import CliRunner
 
+from saliencycheck.checks import get_check
 from saliencycheck.cli import app
 from saliencycheck.complexity import entropy_rise, histogram_entropy
 from saliencycheck.config import Threshold, load_config, parse_config
@@ -237,21 +238,22 @@ def test_smooth_mprt_averages_gradients_over_seeded_noisy_copies(project) -> Non
         Image.open(project / "images" / "img2.png").convert("RGB"), dtype=np.float32) / 255)
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     x = ((image - mean) / std).permute(2, 0, 1)
-    copies = executor._noisy_copies(["img2.png"], x[None])
+    smooth = get_check("smooth_mprt")
+    copies = smooth.noisy_copies(setup, ["img2.png"], x[None])
     assert copies.shape[0] == 6 and torch.equal(copies[-1], x)  # the last copy: no noise
     spread = (copies[:-1] - x).std() / (x.max() - x.min())
     assert spread == pytest.approx(0.2, rel=0.05)
-    torch.testing.assert_close(executor._noisy_copies(["img2.png"], x[None]), copies)
+    torch.testing.assert_close(smooth.noisy_copies(setup, ["img2.png"], x[None]), copies)
 
     target = int(setup.model(x[None]).argmax())
     with np.load(project / "out" / "maps" / "img2.npz") as saved:
-        for stage, ref in ((0, None), (len(stages), executor.smooth_refs[-1])):
-            model = executor._enter(ref)  # the one working copy, in that stage's state
+        for stage, ref in ((0, None), (len(stages), smooth.refs(setup)[-1])):
+            model = executor.model(ref)  # the one working copy, in that stage's state
             rows = copies.clone().requires_grad_()
             (grad,) = torch.autograd.grad(model(rows)[:, target].sum(), rows)
             np.testing.assert_allclose(saved[f"smooth_mprt/gradient/{stage}"],
                                        grad.mean(dim=0).numpy(), rtol=1e-4, atol=1e-6)
-    executor._enter(None)
+    executor.model()
     rows = _rows(project / "out" / "report.csv")
     assert {r["stage"] for r in rows if r["test"] == "smooth_mprt"} == \
         {"trained", *(s.name for s in stages)}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from saliencycheck.checks import CHECKS
 from saliencycheck.config import (
     Config,
     PostprocessConfig,
@@ -26,7 +27,7 @@ from saliencycheck.metrics import ssim
 from saliencycheck.postprocess import PostprocessOptions, absolute, min_max, signed
 from saliencycheck.report.tables import FLOOR_TEST, bootstrap_interval, summarize
 from saliencycheck.results import ScoreRow, SummaryRow
-from saliencycheck.runner.setup import LABEL_TEST, RunSetup
+from saliencycheck.runner.setup import RunSetup
 from saliencycheck.verdicts import (
     FAIL,
     INVALID,
@@ -41,6 +42,8 @@ NAN = math.nan
 CASCADE = ["trained", "fc", "layer4", "conv1"]
 NAMES = {"cascading": CASCADE, "input_invariance": ["trained", "shifted_input"]}
 FINAL = {"cascading": 3, "input_invariance": 1}
+LABEL_TEST = "label_randomization"
+FLOOR_TESTS = tuple(check.name for check in CHECKS if check.against_floor)  # as the run judges
 
 
 def summary_row(mean: float, low: float, high: float, *, method: str = "gradient",
@@ -61,7 +64,8 @@ def judge(summary: list[SummaryRow], threshold: Threshold, *, test: str = "casca
           methods: tuple[str, ...] = ("gradient",), **kwargs: object) -> dict[str, Verdict]:
     """Each method's verdict on ``test`` under one threshold."""
     return {v.method: v for v in decide(summary, {test: threshold}, methods=list(methods),
-                                        stage_names=NAMES, final_stage=FINAL, **kwargs)}
+                                        stage_names=NAMES, final_stage=FINAL,
+                                        floor_tests=FLOOR_TESTS, **kwargs)}
 
 
 # -- max: the upper bound -------------------------------------------------------------------
@@ -176,7 +180,7 @@ def label_setup(control: bool) -> RunSetup:
     })
     return RunSetup(config=config, source=Path("config.yaml"), output_dir=Path("out"),
                     model=None, weights_source="", device=None, preprocessing=None, images=[],
-                    figure_ids=frozenset(), labels=None, methods=[], stages={}, context=None,
+                    figure_ids=frozenset(), labels=None, methods=[], plans={}, context=None,
                     post=PostprocessOptions())
 
 
@@ -329,3 +333,5 @@ def test_library_defaults_equal_the_configs() -> None:
         assert _default(function, "seed") == runtime.seed
     for function in (decide, completeness_verdicts):
         assert _default(function, "level") == runtime.ci_level
+    # the documented defaults themselves (README, docs/verdicts.md): 95 % intervals
+    assert runtime.ci_level == 0.95

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from saliencycheck.checks import CHECKS
 from saliencycheck.cli import app
 from saliencycheck.compare import compare_runs
 from saliencycheck.config import Threshold
@@ -84,7 +85,9 @@ def test_the_floor_is_recorded_only_where_it_is_a_reference() -> None:
         [*SUMMARY, floor, shifted],
         {"cascading": Threshold(metric="spearman", max=0.25),
          "input_invariance": Threshold(metric="spearman", min=0.95)},
-        methods=["gradient"], stage_names=names, final_stage={**FINAL, "input_invariance": 1})}
+        methods=["gradient"], stage_names=names, final_stage={**FINAL, "input_invariance": 1},
+        # as the run judges: the floor applies to the checks scoring plain maps
+        floor_tests=[check.name for check in CHECKS if check.against_floor])}
     assert verdicts["cascading"].floor == pytest.approx(0.3)
     assert math.isnan(verdicts["input_invariance"].floor)
     assert verdicts["input_invariance"].verdict == PASS
@@ -311,7 +314,8 @@ def test_a_relative_threshold_is_judged_against_the_methods_floor() -> None:
                         0.60, 0.1, 0.55, 0.65, 8, 0)]
     rule = {"cascading": Threshold(metric="spearman", max_above_floor=0.05)}
     verdicts = {v.method: v for v in decide(SUMMARY + floor, rule, methods=METHODS,
-                                             stage_names=NAMES, final_stage=FINAL)}
+                                             stage_names=NAMES, final_stage=FINAL,
+                                             floor_tests=("cascading",))}
     assert verdicts["gradient"].verdict == PASS  # 0.12 <= 0.30 + 0.05
     assert verdicts["guided_backprop"].verdict == FAIL  # 0.70 > 0.60 + 0.05
     assert verdicts["guided_backprop"].max == pytest.approx(0.65)

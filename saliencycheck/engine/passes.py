@@ -46,6 +46,7 @@ from saliencycheck.methods.base import (
 from saliencycheck.methods.registry import (
     MethodParams,
     NoParams,
+    ReferenceFn,
     ResolvedMethod,
     register_method,
 )
@@ -568,8 +569,10 @@ class PlanFn(Protocol):
                  **params: object) -> MethodPlan: ...
 
 
-def planned_method(name: str, *, params: type[MethodParams] = NoParams, description: str):
-    """Register a method given as a plan; its plain ``fn`` runs the plan alone."""
+def planned_method(name: str, *, params: type[MethodParams] = NoParams, description: str,
+                   reference: ReferenceFn | None = None):
+    """Register a method given as a plan; its plain ``fn`` runs the plan alone (``reference``:
+    see :func:`~saliencycheck.methods.registry.register_method`)."""
 
     def decorate(plan: PlanFn) -> PlanFn:
         def fn(model: nn.Module, inputs: Tensor, targets: Tensor, context: AttributionContext,
@@ -581,7 +584,8 @@ def planned_method(name: str, *, params: type[MethodParams] = NoParams, descript
 
         fn.__doc__ = plan.__doc__
         fn.__name__ = name
-        register_method(name, params=params, description=description, plan=plan)(fn)
+        register_method(name, params=params, description=description, plan=plan,
+                        reference=reference)(fn)
         return plan
 
     return decorate

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from saliencycheck.engine.passes import (
     MethodPlan,
@@ -22,7 +23,14 @@ def gradient(model: nn.Module, source: RowSource, context: AttributionContext) -
     return MethodPlan([Request("plain", source, maps, "gradient")], maps.result)
 
 
-@planned_method("gradient_x_input", description="gradient × (normalised) input")
+def zero_reference(inputs: Tensor, context: AttributionContext) -> Tensor:
+    """Gradient × input completes to f(x) − f(0) for networks that are piecewise linear and
+    without biases (Ancona et al. 2018); the completeness test measures how far others are."""
+    return torch.zeros_like(inputs)
+
+
+@planned_method("gradient_x_input", description="gradient × (normalised) input",
+                reference=zero_reference)
 def gradient_x_input(
     model: nn.Module, source: RowSource, context: AttributionContext
 ) -> MethodPlan:

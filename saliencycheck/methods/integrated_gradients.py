@@ -10,7 +10,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from saliencycheck.config import MAX_STEPS, at_most
 from saliencycheck.engine.passes import (
     GroupSum,
     GroupTotal,
@@ -22,6 +21,7 @@ from saliencycheck.engine.passes import (
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.baselines import Baseline, make_baseline
 from saliencycheck.methods.registry import MethodParams
+from saliencycheck.sections import MAX_STEPS, at_most
 
 
 class IntegratedGradientsParams(MethodParams):
@@ -70,10 +70,17 @@ def gauss_lobatto(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (nodes + 1) / 2, weights / 2
 
 
+def baseline_reference(inputs: Tensor, context: AttributionContext, *, baseline: Baseline,
+                       blur_sigma: float, **_: object) -> Tensor:
+    """Integrated gradients completes to f(x) − f(baseline) (Sundararajan et al. 2017)."""
+    return make_baseline(baseline, inputs, context, blur_sigma=blur_sigma)
+
+
 @planned_method(
     "integrated_gradients",
     params=IntegratedGradientsParams,
     description="path integral of the gradient from a baseline to the input, × (x − baseline)",
+    reference=baseline_reference,
 )
 def integrated_gradients(
     model: nn.Module, source: RowSource, context: AttributionContext, *,

@@ -8,7 +8,6 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
-from saliencycheck.config import MAX_SAMPLES, at_most
 from saliencycheck.engine.passes import (
     GroupSum,
     GroupTotal,
@@ -20,6 +19,7 @@ from saliencycheck.engine.passes import (
 from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.registry import MethodParams, available_methods, resolve_method
+from saliencycheck.sections import MAX_SAMPLES, at_most
 
 _WRAPPERS = ("smoothgrad", "vargrad")
 

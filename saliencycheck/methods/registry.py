@@ -13,6 +13,8 @@ from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext, AttributionFn
 from saliencycheck.suggest import did_you_mean, not_one_of
 
+ReferenceFn = Callable[..., Tensor]  # (inputs, context, **params) -> the reference input x′
+
 
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown keys are errors, values are frozen."""
@@ -33,6 +35,7 @@ class MethodSpec:
     params: type[MethodParams]
     description: str
     plan: Any = None  # PlanFn of methods built on shared passes (saliencycheck.engine.passes)
+    reference: ReferenceFn | None = None  # x′ with Σ attributions = f(x) − f(x′) (completeness)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,13 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, *, params: type[MethodParams] = NoParams, description: str, plan: Any = None
+    name: str, *, params: type[MethodParams] = NoParams, description: str, plan: Any = None,
+    reference: ReferenceFn | None = None,
 ) -> Callable[[AttributionFn], AttributionFn]:
-    """Decorator registering ``fn(model, inputs, targets, context, **params)`` under ``name``."""
+    """Decorator registering ``fn(model, inputs, targets, context, **params)`` under ``name``.
+
+    ``reference(inputs, context, **params)``, for a method whose attributions sum to
+    f(x) − f(x′), gives that x′: the completeness test checks the sum against it."""
     undocumented = [f for f, info in params.model_fields.items() if not info.description]
     if undocumented:
         raise TypeError(f"{params.__name__}: fields without a description: {undocumented}")
@@ -70,7 +77,7 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"attribution method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=params, description=description,
-                                     plan=plan)
+                                     plan=plan, reference=reference)
         return fn
 
     return decorate
@@ -79,6 +86,11 @@ def register_method(
 def available_methods() -> list[MethodSpec]:
     """All registered methods, in registration order."""
     return list(_REGISTRY.values())
+
+
+def complete_methods() -> list[str]:
+    """The methods whose attributions sum to f(x) − f(x′) (``reference`` given)."""
+    return [name for name, spec in _REGISTRY.items() if spec.reference is not None]
 
 
 def get_method(name: str) -> MethodSpec:

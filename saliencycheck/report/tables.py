@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from saliencycheck.atomic import atomic_write_csv
-from saliencycheck.config import FLOOR_TESTS, RuntimeConfig
+from saliencycheck.checks import get_check
+from saliencycheck.config import RuntimeConfig
 from saliencycheck.randomization import Stage
 from saliencycheck.results import (
+    CI_LEVEL,
+    FLOOR_TEST,
     ROW_FIELDS,
     STAGE_FIELDS,
     SUMMARY_FIELDS,
@@ -21,9 +24,7 @@ from saliencycheck.results import (
     SummaryRow,
 )
 
-FLOOR_TEST = "random_floor"  # summary rows of the random-network floor (not a test)
-# The bootstrap's defaults are the config's (runtime.ci_level, bootstrap, seed), not copies.
-CI_LEVEL: float = RuntimeConfig.model_fields["ci_level"].default
+# The bootstrap's defaults are the config's (runtime.bootstrap, seed), not copies.
 RESAMPLES: int = RuntimeConfig.model_fields["bootstrap"].default
 SEED: int = RuntimeConfig.model_fields["seed"].default
 
@@ -91,13 +92,19 @@ def summarize(rows: list[ScoreRow], *, level: float = CI_LEVEL, resamples: int =
 
 
 def with_floor(summary: list[SummaryRow]) -> list[SummaryRow]:
-    """Each score of a test in :data:`FLOOR_TESTS` next to the random-network floor of its
-    method and metric, and its distance above it (NaN where there is no floor)."""
+    """Each score of a test that scores plain maps (``Check.against_floor``) next to the
+    random-network floor of its method and metric, and its distance above it (NaN where
+    there is no floor)."""
     floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
     return [replace(s, floor=floors[(s.method, s.metric)],
                     above_floor=s.mean - floors[(s.method, s.metric)])
-            if s.test in FLOOR_TESTS and (s.method, s.metric) in floors else s
+            if _against_floor(s.test) and (s.method, s.metric) in floors else s
             for s in summary]
+
+
+def _against_floor(test: str) -> bool:
+    check = get_check(test)
+    return check is not None and check.against_floor
 
 
 def write_summary(path: Path, summary: list[SummaryRow]) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from saliencycheck.errors import SaliencyCheckError, UsageError, WorkerError
-from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.executor import UnitExecutor
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
@@ -27,7 +26,7 @@ UnitProgress = Callable[[float, str], None]  # (steps advanced, description)
 
 
 class Backend(Protocol):
-    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save: Save,
+    def run(self, units: list[WorkUnit], *, prepared: dict[str, Any], save: Save,
             progress: UnitProgress) -> None:
         """Run ``units``, calling ``save`` with each result as it finishes."""
 
@@ -63,9 +62,9 @@ class InProcess:
 
     setup: RunSetup
 
-    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save: Save,
+    def run(self, units: list[WorkUnit], *, prepared: dict[str, Any], save: Save,
             progress: UnitProgress) -> None:
-        executor = UnitExecutor(self.setup, label_models)
+        executor = UnitExecutor(self.setup, prepared)
         for unit in units:
             save(executor.run(unit, progress))
 
@@ -79,7 +78,7 @@ class ProcessPool:
     devices: list[str]
     poll_s: float = 2.0
 
-    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save: Save,
+    def run(self, units: list[WorkUnit], *, prepared: dict[str, Any], save: Save,
             progress: UnitProgress) -> None:
         if not units:
             return
@@ -90,7 +89,7 @@ class ProcessPool:
         workers = []
         for device in self.devices:
             tasks.put(None)
-            spec = WorkerSpec.of(self.setup, label_models, device)
+            spec = WorkerSpec.of(self.setup, prepared, device)
             workers.append(context.Process(target=_serve, args=(spec, tasks, results),
                                            daemon=True))
             workers[-1].start()

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from saliencycheck.runner.executor import REPEAT_SEED_STEP, floor_seeds
+from saliencycheck.checks.base import REPEAT_SEED_STEP
+from saliencycheck.checks.random_floor import floor_seeds
 from saliencycheck.runner.ownership import file_sha256
 from saliencycheck.runner.plan import PLACEMENT
 from saliencycheck.runner.setup import RunSetup
@@ -59,7 +60,7 @@ def seeds(setup: RunSetup) -> dict[str, object]:
                                   for r in range(runtime.repeats)],
         "random_floor_copies": ([list(pair) for pair in floor_seeds(runtime.seed,
                                                                     runtime.repeats)]
-                                if setup.floor_stage else []),
+                                if setup.config.baselines.random_floor else []),
         "label_training": section.train.seed if section and section.train else None,
     }
 

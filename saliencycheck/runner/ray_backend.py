@@ -18,9 +18,9 @@ import socket
 from collections import deque
 from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 from saliencycheck.errors import ConfigError, SaliencyCheckError, WorkerError, first_line
-from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.backends import Save, UnitProgress
 from saliencycheck.runner.plan import WorkUnit
 from saliencycheck.runner.setup import RunSetup
@@ -109,7 +109,7 @@ class RayBackend:
         if self.address is not None and not self.ray.is_initialized():
             check_reachable(self.address, self.source)
 
-    def run(self, units: list[WorkUnit], *, label_models: LabelModels | None, save: Save,
+    def run(self, units: list[WorkUnit], *, prepared: dict[str, Any], save: Save,
             progress: UnitProgress) -> None:
         if not units:
             return
@@ -118,7 +118,7 @@ class RayBackend:
         if started:
             self._connect(ray)
         try:
-            self._run(ray, units, label_models, save, progress)
+            self._run(ray, units, prepared, save, progress)
         finally:
             if started:
                 ray.shutdown()
@@ -137,7 +137,7 @@ class RayBackend:
             raise ConfigError(f"{self.source or 'Ray'} {self.address!r}: cannot connect "
                               f"({first}){token}") from None
 
-    def _run(self, ray: ModuleType, units: list[WorkUnit], label_models: LabelModels | None,
+    def _run(self, ray: ModuleType, units: list[WorkUnit], prepared: dict[str, Any],
              save: Save, progress: UnitProgress) -> None:
         runtime = self.setup.config.runtime
         resources = ray.cluster_resources()
@@ -146,7 +146,7 @@ class RayBackend:
         count = worker_count(resources, gpus=gpus, cpus=runtime.cpus_per_task,
                              units=len(units))
         # On a Ray worker the GPU Ray assigns is the only one visible: cuda means that one.
-        spec = ray.put(WorkerSpec.of(self.setup, label_models,
+        spec = ray.put(WorkerSpec.of(self.setup, prepared,
                                      "cuda" if gpus > 0 else "cpu"))
         actor = ray.remote(UnitWorker).options(
             num_gpus=gpus, num_cpus=runtime.cpus_per_task, max_restarts=runtime.max_retries,

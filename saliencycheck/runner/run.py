@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,10 @@ import torch
 from matplotlib.figure import Figure
 
 from saliencycheck.atomic import atomic_write_text
-from saliencycheck.config import ENTROPY_RISE, FLOOR_TESTS
+from saliencycheck.checks import CHECKS, get_check
+from saliencycheck.checks.label_randomization import CACHE_DIR
 from saliencycheck.data import load_images
-from saliencycheck.errors import RunInterrupted, SaliencyCheckError, StoreError, Terminated
-from saliencycheck.invariance import compensation_failure
-from saliencycheck.label_training import LabelModels, from_modules, obtain_label_models
+from saliencycheck.errors import RunInterrupted, StoreError, Terminated
 from saliencycheck.methods import compute_maps
 from saliencycheck.metrics import score_maps
 from saliencycheck.report.figures import (
@@ -40,7 +40,7 @@ from saliencycheck.report.tables import (
     write_stages,
     write_summary,
 )
-from saliencycheck.results import SummaryRow
+from saliencycheck.results import FLOOR_TEST, SummaryRow
 from saliencycheck.runner.backends import choose_backend
 from saliencycheck.runner.executor import UNCHANGED_NOTE, figure_key, safe_name
 from saliencycheck.runner.lock import FolderLock
@@ -54,33 +54,12 @@ from saliencycheck.runner.provenance import (
     package_versions,
     seeds,
 )
-from saliencycheck.runner.setup import (
-    ENTROPY_TEST,
-    INVARIANCE_TEST,
-    LABEL_TEST,
-    LOGIT_TEST,
-    SMOOTH_TEST,
-    RunSetup,
-    first_readable,
-)
+from saliencycheck.runner.setup import RunSetup, first_readable
 from saliencycheck.runner.shards import Shard
 from saliencycheck.runner.store import CONTEXT, PLAN, ResultStore
-from saliencycheck.verdicts import (
-    FLOOR_TEST,
-    Verdict,
-    completeness_verdicts,
-    decide,
-    gate_failures,
-    write_verdicts,
-)
+from saliencycheck.verdicts import Verdict, gate_failures, write_verdicts
 
 Progress = Callable[[int, int, str], None]  # (steps advanced, total steps, description)
-TITLES = {"cascading": "cascading randomization", "independent": "independent randomization",
-          LABEL_TEST: "label randomization (random-label model, true-label control)",
-          LOGIT_TEST: "random logit (the explained class, a random other class)",
-          INVARIANCE_TEST: "input invariance (shifted input, first layer compensating)",
-          SMOOTH_TEST: "smooth MPRT (maps averaged over noisy copies)",
-          ENTROPY_TEST: "efficient MPRT (relative rise of histogram entropy)"}
 RUN_JSON = "run.json"  # written last: present only beside whole report files (units_done: how
 # much of the run they cover)
 # The report: rewritten as a set from the stored units. While run.json is absent the folder
@@ -88,7 +67,6 @@ RUN_JSON = "run.json"  # written last: present only beside whole report files (u
 REPORT_FILES = ("report.csv", "summary.csv", "stages.csv", "skipped.csv", "verdicts.csv")
 REPORT_DIRS = ("figures",)
 VERDICT_FIGURE = "figures/verdicts.png"
-BAR_TESTS = (LABEL_TEST, LOGIT_TEST, INVARIANCE_TEST, ENTROPY_TEST)  # alternatives, not a cascade
 
 
 @dataclass(frozen=True)
@@ -106,8 +84,8 @@ class RunResult:
     units_done: int
     units_total: int
     timings: dict[str, float] = field(default_factory=dict)
-    label_randomization: dict | None = None  # validity and the models' accuracies
-    input_invariance: dict | None = None  # whether the compensation kept the logits
+    validity: dict[str, dict] = field(default_factory=dict)  # per check that reports one:
+    # whether it could judge (label randomization's models, input invariance's compensation)
     verdicts: list[Verdict] = field(default_factory=list)
     failures: list[Verdict] = field(default_factory=list)  # FAIL verdicts fail_on counts
     units_resumed: int = 0  # already stored when the run started (--resume)
@@ -244,7 +222,7 @@ def is_reserved(relative: Path) -> bool:
     """Whether a path inside an output folder (relative to it) is one saliencycheck writes,
     or lies in a folder it writes into: never a place for a file the user names (--junit)."""
     return (relative.as_posix() in {*REPORT_FILES, RUN_JSON, ERROR_LOG}
-            or relative.parts[0] in {STATE_DIR, "units", "maps", LABEL_TEST, *REPORT_DIRS})
+            or relative.parts[0] in {STATE_DIR, "units", "maps", CACHE_DIR, *REPORT_DIRS})
 
 
 def remove_report(store: ResultStore) -> None:
@@ -263,38 +241,32 @@ def execute(setup: RunSetup, store: ResultStore, units: list[WorkUnit], *, progr
     total = setup.steps_per_unit * len(todo)
     resumed = f"{len(units) - len(todo)} of {len(units)} units already stored; " if stored else ""
     progress(0, total, resumed + "starting")
-    label_models = obtain_models(setup, retrain=retrain,
-                                 progress=lambda text: progress(0, total, text))
+    prepared = prepare_checks(setup, store, retrain=retrain,
+                              progress=lambda text: progress(0, total, text))
     store.write_context({
-        "label_randomization": label_models.as_json() if label_models else None,
+        **{name: get_check(name).prepared_json(value) for name, value in prepared.items()},
         "fidelity": precision_fidelity(setup) if todo else store.context().get("fidelity", {}),
     })
-    backend.run(todo, label_models=label_models, save=store.save,
+    backend.run(todo, prepared=prepared, save=store.save,
                 progress=lambda n, text: progress(n, total, text))
     return len(todo)
 
 
-def obtain_models(setup: RunSetup, *, retrain: bool,
-                  progress: Callable[[str], None]) -> LabelModels | None:
-    """The label randomization test's models (None when the test is not configured)."""
-    section = setup.config.tests.label_randomization
-    if section is None:
-        return None
-    example = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
-    if setup.label_models is not None:
-        return from_modules(setup.model, example, setup.label_models)
-    cache = (setup.output_dir / LABEL_TEST).resolve()
-    try:
-        models = obtain_label_models(setup.model, example, section, pre=setup.preprocessing,
-                                     resolve=setup.resolve, cache=cache, retrain=retrain,
-                                     progress=progress)
-    except SaliencyCheckError as exc:  # its checkpoints are config fields: name the file
-        raise type(exc)(f"{setup.source.name}: {exc}") from None
-    trained = [Path(m["source"]) for m in models.as_json().get("models", [])
-               if not m.get("cached") and cache in Path(m["source"]).resolve().parents]
-    OutputFolder(setup.output_dir).record(
-        [path for model in trained for path in (model, model.with_suffix(".json"))])
-    return models
+def prepare_checks(setup: RunSetup, store: ResultStore, *, retrain: bool,
+                   progress: Callable[[str], None]) -> dict[str, object]:
+    """What the checks obtain once for the run (label randomization's models), by check;
+    the files they write into the output folder are recorded as saliencycheck's."""
+    @cache
+    def example() -> torch.Tensor:
+        return first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
+
+    prepared = {}
+    for check in setup.checks:
+        value = check.prepare(setup, example, retrain=retrain, progress=progress)
+        if value is not None:
+            prepared[check.name] = value
+            store.folder.record(check.written(setup, value))
+    return prepared
 
 
 def precision_fidelity(setup: RunSetup) -> dict[str, float]:
@@ -329,7 +301,6 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     stored = store.load()
     context = store.context()
     fidelity = context.get("fidelity") or {}
-    label_randomization = context.get("label_randomization")
     rows = stored.rows
     write_report(out / "report.csv", rows)
     runtime = setup.config.runtime
@@ -342,17 +313,13 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     if setup.config.output.figures and rows:
         written += write_figures(setup, store, summary)
     final_stage = setup.final_stage
-    invalid = ({LABEL_TEST: f"invalid test: {label_randomization['reason']}"}
-               if label_randomization and not label_randomization["valid"] else {})
-    invariance = invariance_check(setup, stored.stages)
-    if invariance and not invariance["valid"]:
-        invalid[INVARIANCE_TEST] = f"invalid test: {invariance['reason']}"
-    verdicts = decide(summary, setup.config.thresholds, methods=[m.label for m in setup.methods],
-                      stage_names=setup.stage_names, final_stage=final_stage,
-                      invalid_tests=invalid, level=runtime.ci_level)
-    if setup.config.tests.completeness.enabled:
-        verdicts += completeness_verdicts(summary, setup.config.tests.completeness.tolerance,
-                                          level=runtime.ci_level)
+    validity = {check.name: v for check in setup.checks
+                if (v := check.validity(setup, context, stored.stages)) is not None}
+    verdicts = []
+    for check in judging_order(setup):
+        info = validity.get(check.name)
+        invalid = f"invalid test: {info['reason']}" if info and not info["valid"] else ""
+        verdicts += check.verdicts(summary, setup, invalid=invalid, level=runtime.ci_level)
     failures = gate_failures(verdicts, setup.config.fail_on)
     if verdicts:
         write_verdicts(out / "verdicts.csv", verdicts)
@@ -364,7 +331,7 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
     timings = {**timings, "report_s": time.perf_counter() - started}
     write_run_json(setup, out / RUN_JSON, timings=timings, units_done=len(stored.unit_ids),
                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
-                   label_randomization=label_randomization, input_invariance=invariance,
+                   validity=validity,
                    report_files=sorted(store.folder.relative(path) for path in written),
                    interrupted=interrupted)
     store.folder.record([out / RUN_JSON])
@@ -374,21 +341,17 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                      methods=[m.label for m in setup.methods], metrics=list(setup.config.metrics),
                      final_stage=final_stage,
                      units_done=len(stored.unit_ids), units_total=units_total, timings=timings,
-                     label_randomization=label_randomization, verdicts=verdicts,
-                     failures=failures, input_invariance=invariance, unchanged_stages=sorted(
+                     validity=validity, verdicts=verdicts,
+                     failures=failures, unchanged_stages=sorted(
                          {(r.test, r.stage) for r in rows if UNCHANGED_NOTE in r.note}))
 
 
-def invariance_check(setup: RunSetup, observations: list) -> dict | None:
-    """Whether the first layer kept the logits of the shifted input (None: test not run)."""
-    if setup.invariance_layer is None:
-        return None
-    seen = [o for o in observations if o.test == INVARIANCE_TEST]
-    n = sum(o.n for o in seen)
-    change = sum(o.relative_l2_sum for o in seen) / n if n else float("nan")
-    reason = compensation_failure(change)
-    return {"layer": setup.invariance_layer, "shift": setup.config.tests.input_invariance.shift,
-            "logit_relative_l2": change, "valid": not reason, "reason": reason}
+def judging_order(setup: RunSetup) -> list:
+    """The checks in the order their verdicts are listed: those with a threshold in the
+    config's order, then the others (completeness) in registry order."""
+    order = list(setup.config.thresholds)
+    return sorted(setup.checks, key=lambda c: order.index(c.name) if c.name in order
+                  else len(order))
 
 
 def write_figures(setup: RunSetup, store: ResultStore,
@@ -406,12 +369,11 @@ def write_figures(setup: RunSetup, store: ResultStore,
             written.append(out / grid_figure_path(image, test))
             save_figure(grid_figure(setup, maps, image, test, by_id[image].display),
                         written[-1], bbox_inches="tight", pad_inches=0.1)
-        metrics = test_metrics(setup, test)
+        check = get_check(test)
         written.append(out / test_figure_path(test))
-        if test in BAR_TESTS:  # alternatives to compare, not a sequence
-            comparison_bars(written[-1], summary, test, metrics,
-                            title=TITLES[test], ylabel="rise over the trained map's entropy"
-                            if test == ENTROPY_TEST else "similarity to trained map",
+        if check.figure == "bars":  # alternatives to compare, not a sequence
+            comparison_bars(written[-1], summary, test, check.metrics(setup.config),
+                            title=check.title, ylabel=check.ylabel,
                             methods=[m.label for m in setup.methods],
                             level=setup.config.runtime.ci_level)
         else:
@@ -426,12 +388,7 @@ def grid_figure_path(image: str, test: str) -> str:
 
 def test_figure_path(test: str) -> str:
     """Where a test's summary figure goes: bars for alternatives, curves for a cascade."""
-    return f"figures/{'bars' if test in BAR_TESTS else 'curves'}_{test}.png"
-
-
-def test_metrics(setup: RunSetup, test: str) -> list[str]:
-    """The metrics a test is scored with: eMPRT its entropy rise, the others the config's."""
-    return [ENTROPY_RISE] if test == ENTROPY_TEST else list(setup.config.metrics)
+    return f"figures/{get_check(test).figure or 'curves'}_{test}.png"
 
 
 def grid_figure(setup: RunSetup, maps: dict[str, np.ndarray], image: str, test: str,
@@ -440,7 +397,7 @@ def grid_figure(setup: RunSetup, maps: dict[str, np.ndarray], image: str, test: 
     grid = {m.label: maps[figure_key(image, test, m.label)] for m in setup.methods
             if figure_key(image, test, m.label) in maps}
     return stage_grid_figure(display, grid, setup.stage_names[test],
-                             title=f"{image} - {TITLES.get(test, test)} "
+                             title=f"{image} - {get_check(test).title} "
                                    f"({setup.config.model.name})")
 
 
@@ -448,15 +405,16 @@ def test_curves(setup: RunSetup, summary: list[SummaryRow], test: str) -> Figure
     """A test's similarity curves; the random-network floor only where it applies (it
     compares plain maps: not sMPRT's averaged ones)."""
     floors = {(s.method, s.metric): s for s in summary if s.test == FLOOR_TEST}
-    return curves_figure(summary, test, test_metrics(setup, test),
-                         floors=floors if test in FLOOR_TESTS else {},
+    check = get_check(test)
+    return curves_figure(summary, test, check.metrics(setup.config),
+                         floors=floors if check.against_floor else {},
                          level=setup.config.runtime.ci_level)
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
                    units_total: int, skipped: list[tuple[str, str]],
-                   fidelity: dict[str, float], label_randomization: dict | None = None,
-                   input_invariance: dict | None = None, report_files: list[str] = (),
+                   fidelity: dict[str, float], validity: dict[str, dict] | None = None,
+                   report_files: list[str] = (),
                    interrupted: BaseException | None = None) -> None:
     """The resolved config, versions, device, timings, skipped images, and what was run;
     ``complete`` is true when every planned unit is in the report."""
@@ -469,7 +427,8 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "config_sha256": config_sha256(setup),
         "versions": package_versions(),
         "seeds": seeds(setup),
-        "checkpoints_sha256": checkpoint_hashes(setup, label_randomization),
+        "checkpoints_sha256": checkpoint_hashes(setup, (validity or {}).get(
+            "label_randomization")),
         "model_sha256": model_sha256(setup.model),
         "python": platform.python_version(),
         "device": str(setup.device),
@@ -491,8 +450,8 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "skipped_images": [{"path": path, "reason": reason} for path, reason in skipped],
         "stages": {test: len(stages) for test, stages in setup.stages.items()},
         "stage_table": "stages.csv",
-        "label_randomization": label_randomization,
-        "input_invariance": input_invariance,
+        **{check.name: (validity or {}).get(check.name) for check in CHECKS
+           if check.has_validity},
         "units_done": units_done,
         "units_total": units_total,
         "report_files": list(report_files),

@@ -11,10 +11,12 @@ import copy
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from saliencycheck.checks import CHECKS, Check
 from saliencycheck.config import Config, LoadedConfig, MethodEntry
 from saliencycheck.data import (
     ImageRecord,
@@ -34,8 +36,6 @@ from saliencycheck.errors import (
     SaliencyCheckError,
     first_line,
 )
-from saliencycheck.invariance import first_layer
-from saliencycheck.label_training import CONTROL, RANDOM_LABELS
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
 from saliencycheck.methods.layers import default_layer
 from saliencycheck.models import (
@@ -49,23 +49,12 @@ from saliencycheck.models import (
     resolve_device,
 )
 from saliencycheck.postprocess import PostprocessOptions
-from saliencycheck.randomization import Stage, find_blocks, plan_stages
+from saliencycheck.randomization import Stage
 from saliencycheck.runner.ownership import check_apart
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 
-TESTS = ("cascading", "independent")
-SMOOTH_TEST = "smooth_mprt"  # cascading, on maps averaged over noisy copies of the input
-ENTROPY_TEST = "entropy_mprt"
-ENTROPY_STAGE = "fully_randomized"
-INVARIANCE_TEST = "input_invariance"
-INVARIANCE_STAGE = "shifted_input"
-LABEL_TEST = "label_randomization"
-LABEL_CHECKPOINTS = ("checkpoint", "control_checkpoint")  # its fields naming ready models
-LOGIT_TEST = "random_logit"
-LOGIT_STAGE = "random_class"
-FLOOR_STAGE = "random_vs_random"
-EDGE_STAGE = "sobel_edges"
-TRAINED = "trained"
+LABEL_CHECKPOINTS = ("checkpoint", "control_checkpoint")  # label randomization's fields
+# naming ready models
 
 
 @dataclass(frozen=True)
@@ -83,11 +72,9 @@ class RunSetup:
     figure_ids: frozenset[str]  # the first output.figure_images readable images
     labels: dict[str, int] | None
     methods: list[ResolvedMethod]
-    stages: dict[str, list[Stage]]  # per enabled test
+    plans: dict[str, Any]  # per enabled check: what its plan() fixed (stages, a layer)
     context: AttributionContext
     post: PostprocessOptions
-    floor_stage: Stage | None = None  # every parameter randomized: the random-network floor
-    invariance_layer: str | None = None  # the first layer, compensating the input shift
     model_in_memory: bool = False  # handed to prepare(): no worker can rebuild it from config
     label_models: dict[str, nn.Module] | None = dataclass_field(default=None, repr=False)
 
@@ -96,57 +83,42 @@ class RunSetup:
         return LoadedConfig(config=self.config, source=self.source).resolve(path)
 
     @property
-    def label_stages(self) -> list[str]:
-        """The models the label randomization test compares with: random labels, control."""
-        section = self.config.tests.label_randomization
-        if section is None:
-            return []
-        control = section.train.control if section.train else bool(section.control_checkpoint)
-        return [RANDOM_LABELS, CONTROL] if control else [RANDOM_LABELS]
+    def checks(self) -> list[Check]:
+        """The enabled checks, in registry order."""
+        return [check for check in CHECKS if check.enabled(self.config)]
+
+    @property
+    def stages(self) -> dict[str, list[Stage]]:
+        """Per randomization test, its randomized model states (stages.csv's)."""
+        return {check.name: check.stages(self.plans[check.name]) for check in self.checks
+                if check.randomizes}
 
     @property
     def stage_names(self) -> dict[str, list[str]]:
-        """Per test, its stage names in order, the trained model first."""
-        names = {test: [TRAINED] + [s.name for s in stages] for test, stages in self.stages.items()}
-        if self.label_stages:
-            names[LABEL_TEST] = [TRAINED, *self.label_stages]
-        if self.config.tests.random_logit.enabled:
-            names[LOGIT_TEST] = [TRAINED, LOGIT_STAGE]
-        if self.invariance_layer is not None:
-            names[INVARIANCE_TEST] = [TRAINED, INVARIANCE_STAGE]
-        return names
+        """Per test with stages, its stage names in order, the trained model first."""
+        names = {check.name: check.stage_names(self) for check in self.checks}
+        return {test: stages for test, stages in names.items() if stages is not None}
 
     @property
     def final_stage(self) -> dict[str, int]:
-        """Per test, the stage judged as 'final': the last one; for label randomization the
-        random-label model (the control is its reference, not a later stage)."""
-        final = {test: len(names) - 1 for test, names in self.stage_names.items()}
-        if LABEL_TEST in final:
-            final[LABEL_TEST] = 1
-        return final
+        """Per test, the stage judged as 'final' (label randomization: the random-label
+        model; the control is its reference, not a later stage)."""
+        return {check.name: check.final_stage(names)
+                for check in self.checks if (names := check.stage_names(self)) is not None}
 
     @property
     def pass_steps(self) -> int:
         """Progress steps of one unit's shared passes: the trained model and every stage of
-        every randomization test but sMPRT, each repeat."""
-        stages = sum(len(s) for test, s in self.stages.items() if test != SMOOTH_TEST)
+        every randomization test sharing them, each repeat."""
+        stages = sum(len(self.plans[check.name]) for check in self.checks
+                     if check.shares_passes and check.randomizes)
         return 1 + stages * self.config.runtime.repeats
 
     @property
-    def smooth_steps(self) -> int:
-        """Progress steps of sMPRT's passes: each of its models, weighted by the copies."""
-        if SMOOTH_TEST not in self.stages:
-            return 0
-        stages = 1 + len(self.stages[SMOOTH_TEST]) * self.config.runtime.repeats
-        return stages * self.config.tests.smooth_mprt.samples
-
-    @property
-    def steps_per_unit(self) -> int:
-        """Progress steps of one work unit: the shared passes, sMPRT's, then each model of the
-        label randomization, random logit and input invariance tests (passes of their own)."""
-        tests = self.config.tests
-        return (self.pass_steps + self.smooth_steps + len(self.label_stages)
-                + tests.random_logit.enabled + tests.input_invariance.enabled)
+    def steps_per_unit(self) -> float:
+        """Progress steps of one work unit: the shared passes, then the checks' own passes
+        (sMPRT's noisy copies; the label models, the random class, the shifted input)."""
+        return self.pass_steps + sum(check.steps(self) for check in self.checks)
 
 
 def resolve_preprocessing(config: Config, weights_pre: Preprocessing | None) -> Preprocessing:
@@ -391,32 +363,12 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
                         "the label or model.num_classes")
 
     methods = with_default_layers(methods, model, example)
-    tests = config.tests
-    stages = {}
-    for name in TESTS:
-        section = getattr(tests, name)
-        if section.enabled:
-            blocks = find_blocks(model, example, granularity=section.granularity)
-            stages[name] = plan_stages(blocks, model=model, test=name, order=section.order)
-    if tests.smooth_mprt.enabled:
-        blocks = find_blocks(model, example, granularity=tests.smooth_mprt.granularity)
-        stages[SMOOTH_TEST] = plan_stages(blocks, model=model, test="cascading",
-                                          order=tests.smooth_mprt.order)
-    if tests.entropy_mprt.enabled:  # the cascade's last model, so the passes can be shared
-        blocks = find_blocks(model, example, granularity=tests.cascading.granularity)
-        final = plan_stages(blocks, model=model, test="cascading")[-1]
-        stages[ENTROPY_TEST] = [replace(final, index=1, name=ENTROPY_STAGE)]
-    invariance_layer = (first_layer(model, example) if tests.input_invariance.enabled
-                        else None)
+    plans = {check.name: check.plan(model, example, config)
+             for check in CHECKS if check.enabled(config)}
 
     chunk_size = config.runtime.chunk_size
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(model, example, memory_budget)
-    floor_stage = None
-    if config.baselines.random_floor:
-        every = find_blocks(model, example, granularity="layer")
-        floor_stage = Stage(index=1, name=FLOOR_STAGE, randomized_blocks=tuple(every),
-                            fraction_randomized=1.0)
     context = AttributionContext(mean=pre.mean, std=pre.std, seed=config.runtime.seed,
                                  chunk_size=chunk_size,
                                  precision=config.runtime.precision,
@@ -424,8 +376,8 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
     return RunSetup(
         config=config, source=loaded.source, output_dir=loaded.resolve(config.output.dir),
         model=model, weights_source=built.weights_source, device=device, preprocessing=pre,
-        images=images, figure_ids=figure_ids, labels=labels, methods=methods, stages=stages,
-        context=context, floor_stage=floor_stage, invariance_layer=invariance_layer,
+        images=images, figure_ids=figure_ids, labels=labels, methods=methods, plans=plans,
+        context=context,
         model_in_memory=given is not None, label_models=label_models,
         post=PostprocessOptions(abs_reduction=config.postprocess.abs_reduction,
                                 signed_reduction=config.postprocess.signed_reduction,

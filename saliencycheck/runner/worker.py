@@ -2,18 +2,18 @@
 
 Workers (one process per GPU, or Ray workers on other machines) get the loaded config, never
 the model object: each builds its own model, images and stages with `prepare`, exactly as the
-driver did, so a unit's results do not depend on which process ran it. The label
-randomization models are trained once by the driver and shipped on the CPU.
+driver did, so a unit's results do not depend on which process ran it. What the checks
+prepare once (label randomization's models) is obtained by the driver and shipped on the CPU.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from saliencycheck.checks import get_check
 from saliencycheck.config import Config, LoadedConfig
-from saliencycheck.label_training import LabelModels
 from saliencycheck.runner.executor import UnitExecutor
 from saliencycheck.runner.setup import RunSetup, prepare
 
@@ -25,20 +25,17 @@ class WorkerSpec:
     config: Config
     source: Path
     device: str
-    label_models: LabelModels | None = None  # on the CPU
+    prepared: dict[str, Any] = field(default_factory=dict)  # by check, on the CPU
 
     @classmethod
-    def of(cls, setup: RunSetup, label_models: LabelModels | None, device: str) -> WorkerSpec:
+    def of(cls, setup: RunSetup, prepared: dict[str, Any], device: str) -> WorkerSpec:
         return cls(config=setup.config, source=setup.source, device=device,
-                   label_models=on_device(label_models, "cpu"))
+                   prepared=on_device(prepared, "cpu"))
 
 
-def on_device(label_models: LabelModels | None, device: str) -> LabelModels | None:
-    """Copies of the label models on ``device`` (the originals stay where they are)."""
-    if label_models is None:
-        return None
-    return replace(label_models, models={role: copy.deepcopy(model).to(device)
-                                         for role, model in label_models.models.items()})
+def on_device(prepared: dict[str, Any], device: str) -> dict[str, Any]:
+    """Copies of what the checks prepared, on ``device`` (the originals stay where they are)."""
+    return {name: get_check(name).to_device(value, device) for name, value in prepared.items()}
 
 
 def build_executor(spec: WorkerSpec) -> UnitExecutor:
@@ -46,4 +43,4 @@ def build_executor(spec: WorkerSpec) -> UnitExecutor:
     runtime = spec.config.runtime.model_copy(update={"device": spec.device})
     config = spec.config.model_copy(update={"runtime": runtime})
     setup = prepare(LoadedConfig(config=config, source=spec.source))
-    return UnitExecutor(setup, on_device(spec.label_models, str(setup.device)))
+    return UnitExecutor(setup, on_device(spec.prepared, str(setup.device)))
