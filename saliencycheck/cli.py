@@ -439,6 +439,29 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     console.print(f"{config}: valid. {loaded.config.model.name} ({setup.weights_source}), "
                   f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
                   f"{len(setup.methods)} methods, {stages}.", highlight=False)
+    if setup.stages:
+        from saliencycheck.randomization import BLOCK_RULE, LAYER_RULE
+
+        console.print(f"Blocks. {BLOCK_RULE}. {LAYER_RULE}.", highlight=False)
+    for test, test_stages in setup.stages.items():
+        console.print(_stage_table(test, test_stages, setup.config), highlight=False)
+
+
+def _stage_table(test: str, stages: list, config) -> Table:  # noqa: ANN001 (a Config)
+    """A randomization test's stages: the block each randomizes, its size, the share of the
+    model randomized."""
+    section = getattr(config.tests, test)
+    granularity = getattr(section, "granularity", config.tests.cascading.granularity)
+    table = Table(title=f"{test}: {len(stages)} stages, {granularity} granularity"
+                  + (f", blocks {section.blocks}" if getattr(section, "blocks", None) else ""),
+                  title_justify="left")
+    for column in ("stage", "block randomized", "parameters", "share of the model"):
+        table.add_column(column, justify="left" if column == "block randomized" else "right")
+    for stage in stages:
+        new = next((b for b in stage.randomized_blocks if b.name == stage.name), None)
+        table.add_row(str(stage.index), stage.name, f"{new.numel:,}" if new else "",
+                      f"{stage.fraction_randomized:.1%}")
+    return table
 
 
 @app.command()

@@ -17,6 +17,7 @@ Saliency Maps" (NeurIPS 2018, arXiv:1810.03292), section 3.1:
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
@@ -122,29 +123,24 @@ def find_blocks(model: nn.Module, example_input: torch.Tensor, *,
     _check_choice("granularity", granularity, Granularity)
     first_call = _first_calls(model, example_input)
 
-    candidates: list[tuple[int, str, nn.Module, bool]] = []  # (first call, path, module, recursive)
+    candidates: list[tuple[int, str, nn.Module, bool, str]] = []
+    # (first call, path, module, recursive, kind)
     if granularity == "block":
-        children = [("", model, False)] if _has_own_parameters(model) else []
-        for name, child in model.named_children():
-            if isinstance(child, _CONTAINERS) and not _has_own_parameters(child):
-                children.extend((f"{name}.{n}", c, True) for n, c in child.named_children())
-            else:
-                children.append((name, child, True))
-        for path, module, recursive in children:
+        for path, module, recursive, kind in _block_modules(model):
             calls = [first_call[id(m)] for m in (module.modules() if recursive else [module])
                      if id(m) in first_call]
             if calls:
-                candidates.append((min(calls), path, module, recursive))
+                candidates.append((min(calls), path, module, recursive, kind))
     else:
         for path, module in model.named_modules():
             parent = model.get_submodule(path.rpartition(".")[0]) if path else module
             call = first_call.get(id(module), first_call.get(id(parent)))
             if call is not None and _has_own_parameters(module):
-                candidates.append((call, path, module, False))
+                candidates.append((call, path, module, False, _MODULE))
     candidates.sort(key=lambda item: item[0])
 
-    blocks, assigned = [], set()
-    for _, path, module, recursive in candidates:
+    blocks, kinds, assigned = [], [], set()
+    for _, path, module, recursive, kind in candidates:
         parameters = [(n, p) for n, p in module.named_parameters(prefix=path, recurse=recursive)
                       if id(p) not in assigned]
         if not parameters:
@@ -158,10 +154,133 @@ def find_blocks(model: nn.Module, example_input: torch.Tensor, *,
                             parameter_names=tuple(n for n, _ in parameters),
                             running_stat_names=stats,
                             numel=sum(p.numel() for _, p in parameters)))
+        kinds.append(_FINAL_NORM if kind == _MODULE and _is_norm(module) else kind)
+    if _UNIT in kinds:
+        blocks = _merge_around_units(blocks, kinds)
     if not blocks:
         raise ModelError("model: no module with parameters runs in the forward pass; "
                          "nothing to randomize")
     return blocks
+
+
+# What find_blocks(granularity="block") makes a block (docs/tests.md, "Blocks", says the same):
+_UNIT = "unit"  # a member of a container of repeated units: residual, transformer, MBConv blocks
+_MODULE = "module"  # any other child module that runs (a stem, a patch embedding, a head)
+_OWN = "own"  # the parameters a module owns itself (ViT's class token, its position embedding)
+_FINAL_NORM = "norm"  # a normalization layer on its own (after the last unit: part of the head)
+EMBEDDING_NAME = "(embedding)"
+LAYER_RULE = "Granularity layer: every module with parameters of its own is one block"
+BLOCK_RULE = (
+    "Granularity block: the model's repeated units (every member of a container whose "
+    "children are all of one class and each hold parameterized layers: ResNet's and RegNet's "
+    "residual blocks, "
+    "ViT's encoder layers, Swin's and MaxViT's transformer blocks, ConvNeXt's CNBlocks, "
+    "EfficientNet's MBConvs), reached by descending into the modules that hold them; every "
+    "other module that runs is one block (stems, patch embeddings and merging or downsampling "
+    "layers, the head), top-level containers expanded one level (VGG's layers); with units, "
+    "the parameters modules own themselves before the first unit form one block, "
+    f"{EMBEDDING_NAME} (ViT's class token and position embedding), and a normalization layer "
+    "after the last unit is randomized with the block after it (ViT's encoder.ln with the "
+    "head)")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) and not any(True for _ in module.children())
+
+
+def _is_composite(module: nn.Module) -> bool:
+    """Whether ``module`` holds layers with parameters (a residual or transformer block)."""
+    return any(_has_own_parameters(m) for m in module.modules() if m is not module)
+
+
+def _is_repeat(module: nn.Module) -> bool:
+    """A container of repeated units: children all of one class, each composite."""
+    children = list(module.children())
+    return (isinstance(module, _CONTAINERS) and bool(children)
+            and len({type(child) for child in children}) == 1
+            and all(_is_composite(child) for child in children))
+
+
+def _holds_repeat(module: nn.Module) -> bool:
+    """Whether a container of repeated units lies inside ``module``."""
+    return any(_is_repeat(child) or _holds_repeat(child) for child in module.children())
+
+
+def _block_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool, str]]:
+    """(path, module, whether its submodules belong to it, kind) for :data:`BLOCK_RULE`."""
+    found: list[tuple[str, nn.Module, bool, str]] = []
+
+    def own(path: str, module: nn.Module) -> None:
+        if _has_own_parameters(module):
+            found.append((path, module, False, _OWN))
+
+    def units(path: str, container: nn.Module) -> None:
+        own(path, container)
+        for name, child in container.named_children():
+            if _is_repeat(child):  # a stage of stages (RegNet's AnyStage): its members
+                units(f"{path}.{name}", child)
+            elif _holds_repeat(child):  # a stage holding its units (MaxViT's MaxVitBlock)
+                own(f"{path}.{name}", child)
+                visit(f"{path}.{name}.", child, top=False)
+            else:
+                found.append((f"{path}.{name}", child, True, _UNIT))
+
+    def visit(prefix: str, module: nn.Module, top: bool) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if _is_repeat(child):
+                units(path, child)
+            elif _holds_repeat(child) or (top and isinstance(child, _CONTAINERS)
+                                          and not _has_own_parameters(child)):
+                own(path, child)
+                visit(path + ".", child, top=False)
+            else:
+                found.append((path, child, True, _MODULE))
+
+    own("", model)
+    visit("", model, top=True)
+    return found
+
+
+def _merge_around_units(blocks: list[Block], kinds: list[str]) -> list[Block]:
+    """Join the own parameters before the first unit into :data:`EMBEDDING_NAME`, and a lone
+    normalization layer after the last unit with the block after it."""
+    first = kinds.index(_UNIT)
+    last = max(i for i, kind in enumerate(kinds) if kind == _UNIT)
+    embedding = [i for i in range(first) if kinds[i] == _OWN]
+    merged: list[Block] = []
+    for i, block in enumerate(blocks):
+        if i in embedding:  # placed where its last part is first used (ViT: the encoder)
+            if i == embedding[-1]:
+                merged.append(_joined([blocks[j] for j in embedding], EMBEDDING_NAME))
+        elif i - 1 > last and kinds[i - 1] == _FINAL_NORM:
+            merged[-1] = _joined([merged[-1], block], f"{merged[-1].name}+{block.name}")
+        else:
+            merged.append(block)
+    return merged
+
+
+def _joined(blocks: list[Block], name: str) -> Block:
+    """One block randomizing what ``blocks`` do."""
+    return Block(name=name, module_names=tuple(chain.from_iterable(b.module_names
+                                                                   for b in blocks)),
+                 parameter_names=tuple(chain.from_iterable(b.parameter_names for b in blocks)),
+                 running_stat_names=tuple(chain.from_iterable(b.running_stat_names
+                                                              for b in blocks)),
+                 numel=sum(b.numel for b in blocks))
+
+
+def select_blocks(blocks: list[Block], patterns: list[str], *, field: str) -> list[Block]:
+    """The ``blocks`` whose names match one of ``patterns`` (names or ``fnmatch`` globs), in
+    model order; ConfigError naming ``field`` when a pattern matches none."""
+    for index, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(block.name, pattern) for block in blocks):
+            shown = ", ".join(block.name for block in blocks[:12]) \
+                + (f", ... ({len(blocks)} in all)" if len(blocks) > 12 else "")
+            raise ConfigError(f"{field}[{index}]: {pattern!r} matches no block; the blocks "
+                              f"are {shown} (`saliencycheck validate` lists them)")
+    return [block for block in blocks
+            if any(fnmatch.fnmatchcase(block.name, pattern) for pattern in patterns)]
 
 
 def plan_stages(blocks: list[Block], *, test: RandomizationTest, order: Order = "top_down",

@@ -146,6 +146,8 @@ def test_run_is_deterministic(project: Path) -> None:
         ("methods=[telepathy]", "telepathy"),
         ("images.path=missing", "images.path"),
         ("model.weights=missing.pt", "model.weights"),
+        ("tests.cascading.blocks=['8', 'head*']", "tests.cascading.blocks[1]: 'head*' matches "
+                                                   "no block; the blocks are 0, 2, 3, 5.0, 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(project: Path, override: str, needle: str) -> None:
@@ -171,6 +173,18 @@ def test_validate_does_not_run(project: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "valid" in result.output and "5 images (1 unreadable)" in result.output
     assert not (project / "out").exists()
+
+
+def test_validate_lists_the_blocks_each_stage_randomizes(project: Path) -> None:
+    result = runner.invoke(app, ["validate", str(project / "config.yaml"), "--set",
+                                 "tests.cascading.blocks=['5.*', '8']", "--set",
+                                 "tests.independent.enabled=false"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Granularity block: the model's repeated units" in result.output  # the rule
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if "│" in line]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["1", "8", "36", "2.5%"],  # top down: the head (8·4 + 4 of 1,444 parameters) first
+        ["2", "5.0", "584", "42.9%"]]  # then the last convolution (8·8·9 + 8)
 
 
 def test_init_writes_a_valid_commented_config(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from torchvision.models import VisionTransformer
 
 from saliencycheck.errors import ConfigError, ModelError
 from saliencycheck.randomization import (
+    EMBEDDING_NAME,
     ROOT_NAME,
     RandomizedModels,
     block_seed,
@@ -181,7 +182,7 @@ def test_sequential_models_blocks_cover_every_parameter_once_in_order(build, siz
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     # These models run their modules in the order they define them.
     definition_order = [n for n, _ in model.named_modules()]
-    positions = [definition_order.index(b.name) for b in blocks]
+    positions = [definition_order.index(m) for b in blocks for m in b.module_names]
     assert positions == sorted(positions)
 
 
@@ -231,14 +232,57 @@ def test_vit_every_parameter_belongs_to_a_block():
     model = tiny_vit()
     total = sum(p.numel() for p in model.parameters())
     blocks = find_blocks(model, image())
-    assert [b.name for b in blocks] == [ROOT_NAME, "conv_proj", "encoder", "heads.head"]
-    assert blocks[0].parameter_names == ("class_token",)
+    # the encoder layers one by one; the class token and the position embedding (parameters
+    # the model and the encoder own) as the embedding block; the final LayerNorm with the head
+    assert [b.name for b in blocks] == [
+        "conv_proj", EMBEDDING_NAME, "encoder.layers.encoder_layer_0",
+        "encoder.layers.encoder_layer_1", "encoder.ln+heads.head"]
+    assert blocks[1].parameter_names == ("class_token", "encoder.pos_embedding")
+    assert blocks[-1].module_names == ("encoder.ln", "heads.head")
     layers = find_blocks(model, image(), granularity="layer")
     # out_proj is never called: MultiheadAttention uses its weights directly.
     assert "encoder.layers.encoder_layer_0.self_attention.out_proj" in [b.name for b in layers]
     for found in (blocks, layers):
         assert sum(b.numel for b in found) == total
         assert plan_stages(found, test="cascading", model=model)[-1].fraction_randomized == 1.0
+
+
+# The block rule on each family: the repeated unit, block counts as docs/tests.md lists them.
+FAMILIES = {  # builder: (keyword arguments, image size, blocks, first blocks, last block)
+    "resnet18": ({}, 32, 11, ["conv1", "bn1", "layer1.0"], "fc"),
+    "vgg11": ({}, 32, 11, ["features.0", "features.3"], "classifier.6"),
+    "vit_b_16": ({"image_size": 32}, 32, 15,
+                 ["conv_proj", EMBEDDING_NAME, "encoder.layers.encoder_layer_0"],
+                 "encoder.ln+heads.head"),
+    "swin_t": ({}, 64, 17, ["features.0", "features.1.0", "features.1.1", "features.2"],
+               "norm+head"),
+    "swin_v2_t": ({}, 64, 17, ["features.0", "features.1.0", "features.1.1", "features.2"],
+                  "norm+head"),
+    "convnext_tiny": ({}, 32, 23, ["features.0", "features.1.0", "features.1.1"],
+                      "classifier.0+classifier.2"),
+    "efficientnet_b0": ({}, 32, 19, ["features.0", "features.1.0", "features.2.0"],
+                        "classifier.1"),
+    "maxvit_t": ({}, 224, 15, ["stem.0", "stem.1", "blocks.0.layers.0"], "classifier.5"),
+    "regnet_y_400mf": ({}, 32, 19, ["stem.0", "stem.1", "trunk_output.block1.block1-0"], "fc"),
+    "densenet121": ({}, 32, 64, ["features.conv0", "features.norm0",
+                                 "features.denseblock1.denselayer1"],
+                    "features.norm5+classifier"),
+    "mobilenet_v2": ({}, 32, 20, ["features.0", "features.1"], "classifier.1"),
+}
+
+
+@pytest.mark.parametrize("builder", sorted(FAMILIES))
+def test_blocks_follow_each_familys_repeated_unit(builder: str) -> None:
+    kwargs, size, count, first, last = FAMILIES[builder]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, builder)(weights=None, num_classes=10, **kwargs).eval()
+    blocks = find_blocks(model, image(size))
+    names = [b.name for b in blocks]
+    assert (len(blocks), names[:len(first)], names[-1]) == (count, first, last)
+    covered = [n for b in blocks for n in b.parameter_names]
+    assert sorted(covered) == sorted(n for n, _ in model.named_parameters())  # all, once
+    stages = plan_stages(blocks, test="cascading", model=model)
+    assert stages[-1].fraction_randomized == 1.0
 
 
 def test_find_blocks_leaves_the_model_as_it_was(tiny):

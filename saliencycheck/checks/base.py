@@ -21,7 +21,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from saliencycheck.metrics import ReferenceScorer, Scores
-from saliencycheck.randomization import Stage, find_blocks, plan_stages
+from saliencycheck.randomization import Stage, find_blocks, plan_stages, select_blocks
 from saliencycheck.results import SummaryRow
 from saliencycheck.verdicts import Verdict, decide
 
@@ -285,10 +285,13 @@ class Check:
                             floor_cell(rows))
 
 
-def randomization_plan(model: nn.Module, example: Tensor, section: Any, *,
-                       test: str) -> list[Stage]:
-    """The stages of a randomization test from its section's granularity and order."""
+def randomization_plan(model: nn.Module, example: Tensor, section: Any, *, test: str,
+                       field: str) -> list[Stage]:
+    """The stages of a randomization test from its section's granularity, order and
+    ``blocks`` (``field``: the section's path, for errors)."""
     blocks = find_blocks(model, example, granularity=section.granularity)
+    if section.blocks is not None:
+        blocks = select_blocks(blocks, section.blocks, field=f"{field}.blocks")
     return plan_stages(blocks, model=model, test=test, order=section.order)
 
 

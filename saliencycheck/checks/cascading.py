@@ -30,6 +30,12 @@ class CascadingConfig(Section):
     order: Order = Field(
         "top_down", description="Randomize from the logits toward the input, or the reverse."
     )
+    blocks: list[str] | None = Field(
+        None, min_length=1,
+        description="Randomize only these blocks: names or globs (e.g. ['layer4.*', 'fc']) "
+        "matched against the blocks of `granularity` (`saliencycheck validate` lists them), "
+        "kept in model order; default: every block.",
+    )
 
 
 @register_check
@@ -46,4 +52,5 @@ class Cascading(Check):
     figure = "curves"
 
     def plan(self, model: nn.Module, example: Tensor, config: Any) -> list[Stage]:
-        return randomization_plan(model, example, config.tests.cascading, test=self.name)
+        return randomization_plan(model, example, config.tests.cascading, test=self.name,
+                                  field=f"tests.{self.name}")

@@ -20,6 +20,12 @@ class IndependentConfig(Section):
     enabled: bool = Field(False, description="Run independent (one block at a time) randomization.")
     granularity: Granularity = Field("block", description="As for cascading.")
     order: Order = Field("top_down", description="Order of stages.")
+    blocks: list[str] | None = Field(
+        None, min_length=1,
+        description="Randomize only these blocks: names or globs (e.g. ['layer4.*', 'fc']) "
+        "matched against the blocks of `granularity` (`saliencycheck validate` lists them), "
+        "kept in model order; default: every block.",
+    )
 
 
 @register_check
@@ -35,4 +41,5 @@ class Independent(Check):
     figure = "curves"
 
     def plan(self, model: nn.Module, example: Tensor, config: Any) -> list[Stage]:
-        return randomization_plan(model, example, config.tests.independent, test=self.name)
+        return randomization_plan(model, example, config.tests.independent, test=self.name,
+                                  field=f"tests.{self.name}")

@@ -46,6 +46,12 @@ class SmoothMprtConfig(Section):
     order: Order = Field(
         "bottom_up", description="Order of the cascade (the authors recommend bottom_up)."
     )
+    blocks: list[str] | None = Field(
+        None, min_length=1,
+        description="Randomize only these blocks: names or globs (e.g. ['layer4.*', 'fc']) "
+        "matched against the blocks of `granularity` (`saliencycheck validate` lists them), "
+        "kept in model order; default: every block.",
+    )
 
 
 @register_check
@@ -59,7 +65,8 @@ class SmoothMprt(Check):
     figure = "curves"
 
     def plan(self, model: nn.Module, example: Tensor, config: Any) -> list[Stage]:
-        return randomization_plan(model, example, config.tests.smooth_mprt, test="cascading")
+        return randomization_plan(model, example, config.tests.smooth_mprt, test="cascading",
+                                  field=f"tests.{self.name}")
 
     def steps(self, setup: Any) -> float:
         """Each of its models, weighted by the copies (reported by :meth:`score_unit`)."""
