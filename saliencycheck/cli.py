@@ -150,7 +150,7 @@ def run(config: ConfigArg, overrides: SetOption = None, output: OutputOption = N
                 labels = ", ".join(m.label for m in setup.methods)
                 stages = "; ".join(f"{t}: {len(s)} stages" for t, s in setup.stages.items())
                 err_console.print(
-                    f"model {loaded.config.model.name} ({setup.weights_source}) on "
+                    f"model {loaded.config.model.label} ({setup.weights_source}) on "
                     f"{setup.device}; {len(setup.images)} image files; methods {labels}; "
                     f"{stages}", highlight=False)
                 with _progress() as bar:
@@ -436,7 +436,7 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
         err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
                           highlight=False)
     stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
-    console.print(f"{config}: valid. {loaded.config.model.name} ({setup.weights_source}), "
+    console.print(f"{config}: valid. {loaded.config.model.label} ({setup.weights_source}), "
                   f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
                   f"{len(setup.methods)} methods, {stages}.", highlight=False)
     if setup.stages:

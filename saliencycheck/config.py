@@ -151,6 +151,34 @@ class ModelConfig(Section):
     factory_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to the factory."
     )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the torchvision builder's model class, e.g. "
+        "{image_size: 64} for a ViT at another resolution or {dropout: 0.0}; an unknown one is "
+        "an error listing those it takes.",
+    )
+
+    @property
+    def label(self) -> str:
+        """The model as messages and figures name it: the builder, or the factory function."""
+        return self.factory.rpartition(":")[2] if self.factory else self.name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _not_set_elsewhere(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, fix in (("num_classes", "set model.num_classes instead"),
+                         ("weights", "set model.weights instead"),
+                         ("progress", "saliencycheck sets it; remove it")):
+            if key in value:
+                raise ValueError(f"{key}: {fix}")
+        return value
+
+    @model_validator(mode="after")
+    def _kwargs_for_builders(self) -> ModelConfig:
+        if self.kwargs and self.factory:
+            raise ValueError("kwargs go to a torchvision builder; a factory takes "
+                             "factory_kwargs")
+        return self
 
 
 class ImagesConfig(Section):

@@ -316,6 +316,24 @@ def _call_factory(factory: Callable[..., Any], name: str, kwargs: dict[str, Any]
                             "model.factory_kwargs") from exc
 
 
+def _build(builder: Callable[..., nn.Module], cfg: ModelConfig, **kwargs: Any) -> nn.Module:
+    """``builder(**kwargs)``; a keyword of ``model.kwargs`` it rejects is a ConfigError listing
+    the keywords its model class takes (torchvision builders pass them on to it)."""
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if not cfg.kwargs:
+            raise
+        model_class = inspect.signature(builder).return_annotation
+        takes = [name for name in inspect.signature(model_class).parameters
+                 if name not in ("self", "num_classes", "args", "kwargs")] \
+            if inspect.isclass(model_class) else []
+        listed = f"; its model class {model_class.__name__} takes: {', '.join(takes)}" \
+            if takes else ""
+        raise ConfigError(f"model.kwargs: {cfg.name} rejects {cfg.kwargs} "
+                          f"({first_line(exc)[:160]}){listed}") from None
+
+
 def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> LoadedModel:
     """Build the configured model in eval mode (CPU); the caller moves it to the device."""
     preprocessing = None
@@ -335,7 +353,7 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
             checkpoint = resolve(cfg.weights)
     else:
         builder = _builder(cfg.name)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(cfg.kwargs)
         if cfg.num_classes is not None:
             kwargs["num_classes"] = cfg.num_classes
         enum_weights = _torchvision_weights(cfg.name, cfg.weights) if cfg.weights else None
@@ -348,7 +366,9 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
                 )
             kwargs.pop("num_classes", None)
             try:
-                module = builder(weights=enum_weights, **kwargs)
+                module = _build(builder, cfg, weights=enum_weights, **kwargs)
+            except ConfigError:
+                raise
             except Exception as exc:  # download or cache failures surface here
                 raise ModelError(
                     f"model.weights: cannot load torchvision weights {cfg.name}/{cfg.weights} "
@@ -367,7 +387,7 @@ def build_model(cfg: ModelConfig, *, resolve: Callable[[str], Path] = Path) -> L
                     )
             if cfg.name in ("googlenet", "inception_v3"):
                 kwargs.setdefault("init_weights", True)  # silences torchvision's warning
-            module = builder(weights=None, **kwargs)
+            module = _build(builder, cfg, weights=None, **kwargs)
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise ConfigError(f"model.weights: checkpoint file not found: {checkpoint}")

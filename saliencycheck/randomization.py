@@ -242,6 +242,15 @@ def _block_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool, str]]:
     return found
 
 
+def repeated_units(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The paths of the model's repeated units (:data:`BLOCK_RULE`) that run, in execution
+    order (empty for a model without them, e.g. VGG or Inception-v3)."""
+    first_call = _first_calls(model, example_input)
+    units = [(first_call[id(module)], path) for path, module, _, kind in _block_modules(model)
+             if kind == _UNIT and id(module) in first_call]
+    return [path for _, path in sorted(units)]
+
+
 def _merge_around_units(blocks: list[Block], kinds: list[str]) -> list[Block]:
     """Join the own parameters before the first unit into :data:`EMBEDDING_NAME`, and a lone
     normalization layer after the last unit with the block after it."""

@@ -26,6 +26,11 @@ Notes
   the ReLUs only. EfficientNet has no ReLU at all; MobileNetV3 mixes ReLU and Hardswish.
 * Operations that are not dispatched through ``torch.overrides`` (TorchScript, a ReLU written
   as ``x.clamp(min=0)``) are not seen.
+* A ReLU counts only on the input's computational path: when its input requires grad. The
+  runs freeze their own copy's parameters, so there that means "depends on the image"; a
+  ReLU that never sees the input (Swin V2's continuous position-bias MLP) is counted apart,
+  and a model whose every ReLU is of that kind is refused like a model without ReLU. (Under
+  ``torch.no_grad`` nothing requires grad and every call counts.)
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class ReluRuleReport:
 
     relu_calls: int
     other_activations: dict[str, int] = field(default_factory=dict)
+    off_path_relus: int = 0  # ReLU calls whose input does not depend on the image
 
 
 class _RuledReLU(torch.autograd.Function):
@@ -118,25 +124,32 @@ class ReluRuleMode(TorchFunctionMode):
             raise ValueError(f"unknown ReLU rule {rule!r}; use 'guided' or 'deconvnet'")
         self.rule: Rule = rule
         self._relu_calls = 0
+        self._off_path = 0
         self._other: Counter[str] = Counter()
+
+    def _ruled(self, x: Tensor, upper: float | None) -> Tensor | None:
+        """The ruled ReLU of ``x`` where it lies on the input's path; None (counted) where
+        it does not, so the plain call runs."""
+        if torch.is_grad_enabled() and not x.requires_grad:
+            self._off_path += 1
+            return None
+        self._relu_calls += 1
+        return _RuledReLU.apply(x, self.rule, upper)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        ruled = None
         if func in _RELU:
-            self._relu_calls += 1
-            return _RuledReLU.apply(args[0], self.rule, None)
-        if func is F.relu6:
-            self._relu_calls += 1
-            return _RuledReLU.apply(args[0], self.rule, 6.0)
-        if func is F.hardtanh:
-            if _hardtanh_range(args, kwargs) == (0.0, 6.0):
-                self._relu_calls += 1
-                return _RuledReLU.apply(args[0], self.rule, 6.0)
+            ruled = self._ruled(args[0], None)
+        elif func is F.relu6 or func is F.hardtanh and _hardtanh_range(args, kwargs) == (0, 6):
+            ruled = self._ruled(args[0], 6.0)
+        elif func is F.hardtanh:
             self._other["hardtanh"] += 1
         elif func in _OTHER_ACTIVATIONS:
             self._other[_OTHER_ACTIVATIONS[func]] += 1
-        return func(*args, **kwargs)
+        return ruled if ruled is not None else func(*args, **kwargs)
 
     def report(self) -> ReluRuleReport:
         """Counts so far (over every time this mode was entered)."""
-        return ReluRuleReport(relu_calls=self._relu_calls, other_activations=dict(self._other))
+        return ReluRuleReport(relu_calls=self._relu_calls, other_activations=dict(self._other),
+                              off_path_relus=self._off_path)

@@ -496,15 +496,16 @@ def _keep(store: list[Tensor]):
 
 
 def _capture(path: str, store: list[Tensor]):
-    """:func:`_keep` for a Grad-CAM layer, whose output must be a (N, K, h, w) feature map
-    (DenseNet's ``F.relu(features, inplace=True)`` would otherwise overwrite it)."""
+    """:func:`_keep` for a Grad-CAM layer, whose output must be one tensor: a feature map or
+    tokens (read in its layout by the method), kept from later in-place ops (DenseNet's
+    ``F.relu(features, inplace=True)`` would otherwise overwrite it)."""
     keep = _keep(store)
 
     def hook(module: nn.Module, args: object, output: object) -> Tensor:
-        if not (isinstance(output, Tensor) and output.ndim == 4):
+        if not (isinstance(output, Tensor) and output.ndim in (3, 4)):
             got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise MethodError(f"gradcam: layer {path!r} outputs {got}, not a (N, K, h, w) "
-                              "feature map; choose a convolutional layer")
+            raise MethodError(f"gradcam: layer {path!r} outputs {got}, not a feature map or "
+                              "tokens; choose another layer")
         return keep(module, args, output)
 
     return hook
@@ -540,10 +541,14 @@ def _check_relu_report(mode: ReluRuleMode, names: list[str]) -> None:
     who = ", ".join(names)
     others = ", ".join(f"{act}×{n}" for act, n in sorted(report.other_activations.items()))
     if report.relu_calls == 0:
-        found = f" (it applies {others})" if others else ""
+        off = (f"{report.off_path_relus} ReLU call(s) that do not see the input" if
+               report.off_path_relus else "")
+        found = "; ".join(part for part in (off, others) if part)
+        where = " on the input's path" if report.off_path_relus else ""
         raise MethodError(
-            f"{who}: the model applies no ReLU{found}, so the modified backward is undefined; "
-            "use gradient or integrated_gradients instead"
+            f"{who}: the model applies no ReLU{where}{f' (it applies {found})' if found else ''}"
+            ", so the modified backward is undefined; use gradient or integrated_gradients "
+            "instead"
         )
     if others:
         warnings.warn(

@@ -1,6 +1,9 @@
-"""Grad-CAM and Guided Grad-CAM (Selvaraju et al. 2017)."""
+"""Grad-CAM and Guided Grad-CAM (Selvaraju et al. 2017), on any layer whose output reads as a
+spatial map: convolutional (NCHW), channels-last (NHWC) or transformer patch tokens."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from saliencycheck.engine.passes import (
     planned_method,
 )
 from saliencycheck.methods.base import AttributionContext
-from saliencycheck.methods.layers import default_layer
+from saliencycheck.methods.layers import Layout, default_layer, to_nchw
 from saliencycheck.methods.registry import MethodParams
 
 
@@ -27,22 +30,34 @@ class GradCamParams(MethodParams):
     layer: str | None = Field(
         None,
         description="dotted path of the module whose output feature map is explained; default: "
-        "the last top-level module with parameters that outputs a spatial map (e.g. layer4)",
+        "the last top-level module (or module of the last repeated unit) with parameters whose "
+        "output is a spatial map the logit's gradient reaches (layer4 on ResNet, norm on Swin, "
+        "the last encoder layer's ln_1 on ViT)",
+    )
+    layout: Layout = Field(
+        "auto",
+        description="how the layer's output reads as a map: nchw, nhwc (channels last), tokens "
+        "(leading class tokens dropped, patch tokens on the input's grid), or auto (from its "
+        "shape; an output none fits is refused)",
     )
 
 
-def _cam(inputs: Tensor, grads: Tensor | None, pair: LayerPair | None) -> Tensor:
-    """``ReLU(Σ_k α_k A_k)``, α_k = spatial mean of ∂score/∂A_k, upsampled: (rows, 1, H, W)."""
-    activations, layer_grads = pair
+def _cam(inputs: Tensor, grads: Tensor | None, pair: LayerPair | None, *, layer: str,
+         layout: str) -> Tensor:
+    """``ReLU(Σ_k α_k A_k)``, α_k = spatial mean of ∂score/∂A_k, upsampled: (rows, 1, H, W);
+    A and its gradient read as NCHW maps first (:func:`~saliencycheck.methods.layers.to_nchw`)."""
+    size = tuple(inputs.shape[2:])
+    activations, layer_grads = (to_nchw(t, layout, size, layer=layer) for t in pair)
     alpha = layer_grads.mean(dim=(2, 3), keepdim=True)
     cam = (alpha * activations).sum(dim=1, keepdim=True).clamp(min=0)
     return F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)
 
 
-def _cam_maps(model: nn.Module, source: RowSource, layer: str | None) -> RowMaps:
+def _cam_maps(model: nn.Module, source: RowSource, layer: str | None, layout: str) -> RowMaps:
     if layer is None:
         layer = default_layer(model, source.build(torch.arange(1))[0])
-    return RowMaps(fn=_cam, count=source.count, layer=layer, needs_grads=False)
+    return RowMaps(fn=partial(_cam, layer=layer, layout=layout), count=source.count,
+                   layer=layer, needs_grads=False)
 
 
 @planned_method(
@@ -51,15 +66,16 @@ def _cam_maps(model: nn.Module, source: RowSource, layer: str | None) -> RowMaps
     description="ReLU of the feature maps weighted by their mean gradient, upsampled",
 )
 def gradcam(
-    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None
+    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None,
+    layout: str = "auto",
 ) -> MethodPlan:
     """``ReLU(Σ_k α_k A_k)`` with ``α_k`` the spatial mean of ∂ logit[target] / ∂A_k.
 
     A is the ``layer``'s output (captured in the plain pass of the images, shared with the
-    gradient); the map is upsampled bilinearly (align_corners=False) to the input size.
-    Shape (N, 1, H, W), non-negative.
+    gradient) read in its ``layout``; the map is upsampled bilinearly (align_corners=False)
+    to the input size. Shape (N, 1, H, W), non-negative.
     """
-    cams = _cam_maps(model, source, layer)
+    cams = _cam_maps(model, source, layer, layout)
     return MethodPlan([Request("plain", source, cams, "gradcam")], cams.result)
 
 
@@ -69,12 +85,13 @@ def gradcam(
     description="guided backprop × upsampled Grad-CAM",
 )
 def guided_gradcam(
-    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None
+    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None,
+    layout: str = "auto",
 ) -> MethodPlan:
     """Guided Backprop × Grad-CAM (broadcast over channels), shape (N, C, H, W); both factors
     come from the passes guided_backprop and gradcam already make."""
     guided = input_gradient_maps(source.count)
-    cams = _cam_maps(model, source, layer)
+    cams = _cam_maps(model, source, layer, layout)
     return MethodPlan(
         [Request("guided", source, guided, "guided_gradcam"),
          Request("plain", source, cams, "guided_gradcam")],

@@ -398,7 +398,7 @@ def grid_figure(setup: RunSetup, maps: dict[str, np.ndarray], image: str, test: 
             if figure_key(image, test, m.label) in maps}
     return stage_grid_figure(display, grid, setup.stage_names[test],
                              title=f"{image} - {get_check(test).title} "
-                                   f"({setup.config.model.name})")
+                                   f"({setup.config.model.label})")
 
 
 def test_curves(setup: RunSetup, summary: list[SummaryRow], test: str) -> Figure:

@@ -37,7 +37,7 @@ from saliencycheck.errors import (
     first_line,
 )
 from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
-from saliencycheck.methods.layers import default_layer
+from saliencycheck.methods.layers import default_layer, layer_layout
 from saliencycheck.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -158,12 +158,21 @@ def check_layers(model: nn.Module, methods: list[ResolvedMethod]) -> None:
 
 def with_default_layers(methods: list[ResolvedMethod], model: nn.Module,
                         example: torch.Tensor) -> list[ResolvedMethod]:
-    """Fix Grad-CAM's default layer once per run (recorded in run.json), not once per call."""
+    """Fix Grad-CAM's layer and its layout once per run (recorded in run.json), not once per
+    call: the default layer where none is named, the layout read from the layer's output
+    where it is 'auto' (a layer whose output is no spatial map is refused here)."""
     resolved = []
-    for method in methods:
-        if "layer" in type(method.params).model_fields and method.params.layer is None:
-            layer = default_layer(model, example)
-            method = replace(method, params=method.params.model_copy(update={"layer": layer}))
+    for index, method in enumerate(methods):
+        fields = type(method.params).model_fields
+        if "layer" in fields:
+            layer = method.params.layer or default_layer(model, example)
+            update = {"layer": layer}
+            if "layout" in fields and method.params.layout == "auto":
+                try:
+                    update["layout"] = layer_layout(model, example, layer)
+                except ModelError as exc:
+                    raise ModelError(f"methods[{index}].layer: {exc}") from None
+            method = replace(method, params=method.params.model_copy(update=update))
         resolved.append(method)
     return resolved
 
@@ -333,7 +342,10 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         if config.images.labels:
             labels = read_labels(loaded.resolve(config.images.labels), ids, paths)
 
-    model = model.to(device)
+    # saliencycheck's own copy (built, or the caller's deep-copied): attribution needs input
+    # gradients only, and with frozen parameters "requires grad" means "depends on the image"
+    # (the guided methods count only the ReLUs on the input's path)
+    model = model.to(device).requires_grad_(False)
     output = config.output
     readable = first_readable(images, pre, output.figure_images if output.figures else 1)
     figure_ids = frozenset(r.id for r in readable[: output.figure_images if output.figures else 0])
