@@ -230,3 +230,66 @@ def test_rollout_is_refused_without_multihead_attention() -> None:
     with pytest.raises(MethodError, match="no nn.MultiheadAttention"):
         get_method("attention_rollout").fn(tiny_swin(), torch.randn(1, 3, 32, 32),
                                            torch.tensor([0]), AttributionContext())
+
+
+def tiny_convnext() -> nn.Module:
+    """ConvNeXt's stem, CNBlocks (layer scale, channels-last LayerNorm), a downsampling layer
+    and its head, at two stages of one block."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], num_classes=5,
+                    layer_scale=0.5).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_swin, tiny_convnext])
+@pytest.mark.parametrize(("prefix", "affine_stem"), [(True, True), (True, False), (False, True)])
+def test_the_speed_machinery_changes_no_map_on_transformers_and_modern_cnns(
+        build, prefix: bool, affine_stem: bool) -> None:
+    """The prefix cache (ViT's class-token concatenation and position-embedding addition,
+    Swin's channels-last layers, ConvNeXt's layer scale) and the affine stem give the maps of
+    the stages randomized on their own and computed in full, to 1e-9 in float64."""
+    import copy
+    from itertools import chain
+
+    from saliencycheck.engine.passes import RowSource, StageRequests, run_staged
+    from saliencycheck.engine.prefix import trace_calls
+    from saliencycheck.randomization import (
+        RandomizedModels,
+        find_blocks,
+        plan_stages,
+        reinitialize_,
+    )
+
+    model = build().double()
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        targets = model(inputs).argmax(dim=1)
+    blocks = find_blocks(model, inputs[:1])
+    cascading = plan_stages(blocks, model=model, test="cascading")
+    stages = cascading[::max(1, len(cascading) // 3)] + cascading[-1:] + plan_stages(
+        blocks, model=model, test="independent")[1::3]
+    methods = with_default_layers([resolve_method(m) for m in (
+        "gradient", {"name": "integrated_gradients", "steps": 2}, "gradcam",
+        {"name": "smoothgrad", "samples": 2})], model, inputs[:1])
+    context = AttributionContext(chunk_size=5, affine_stem=affine_stem)
+    randomized = RandomizedModels(model)
+    refs = [None, *stages]
+    source = RowSource.of(inputs, targets)
+    plans = [{m.label: m.spec.plan(randomized.model, source, context, **dict(m.params))
+              for m in methods} for _ in refs]
+    run_staged([StageRequests(
+        enter=lambda s=s: randomized.enter(s),
+        requests=[r for p in stage_plans.values() for r in p.requests],
+        randomized=tuple(chain.from_iterable(b.module_names for b in s.randomized_blocks))
+        if s else ()) for s, stage_plans in zip(refs, plans)], context,
+        trace_calls(randomized.model, inputs[:1]) if prefix else None)
+    for stage, stage_plans in zip(refs, plans):
+        reference = copy.deepcopy(model)  # randomized on its own, full forward and backward
+        for block in stage.randomized_blocks if stage else ():
+            reinitialize_(reference, block, seed=0)
+        for method in methods:
+            torch.testing.assert_close(
+                stage_plans[method.label].finish(),
+                method(reference, inputs, targets, AttributionContext()), rtol=1e-9,
+                atol=1e-12, msg=lambda m: f"{stage and stage.name} {method.label}: {m}")
