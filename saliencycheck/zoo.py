@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from saliencycheck.atomic import atomic_write
 
@@ -134,18 +135,47 @@ def digits_resnet18(
     if num_classes != 10:
         raise ValueError("digits_resnet18 has 10 classes; remove model.num_classes or set it to 10")
     recipe = {"arch": "resnet18", "size": size, "epochs": epochs, "seed": seed, "lr": 1e-3,
-              "batch_size": 64, "train": DIGITS_TRAIN_COUNT, "torchvision": torchvision.__version__}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = (Path(cache) if cache else cache_dir()) / f"digits_resnet18_{key}.pt"
+              "batch_size": 64}
+    return _trained(recipe, lambda: torchvision.models.resnet18(num_classes=10), cache)
+
+
+def digits_vit(
+    *,
+    num_classes: int = 10,
+    size: int = 32,
+    epochs: int = 40,
+    seed: int = 0,
+    cache: str | None = None,
+) -> nn.Module:
+    """A 4-layer Vision Transformer (torchvision's ``VisionTransformer``: 8×8 patches, a 4×4
+    grid and a class token, width 64) trained on digits [0, 1600): ~92 % held-out accuracy,
+    ~30 s on 2 CPU cores, then cached like :func:`digits_resnet18`."""
+    if num_classes != 10:
+        raise ValueError("digits_vit has 10 classes; remove model.num_classes or set it to 10")
+    recipe = {"arch": "vit_4x64_p8", "size": size, "epochs": epochs, "seed": seed, "lr": 5e-4,
+              "batch_size": 64}
+    return _trained(recipe, lambda: VisionTransformer(
+        image_size=size, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+        num_classes=10), cache)
+
+
+def _trained(recipe: dict, build: Callable[[], nn.Module], cache: str | None) -> nn.Module:
+    """The model ``build()`` makes, trained on digits [0, 1600) by ``recipe`` (Adam; keys
+    arch, size, epochs, seed, lr, batch_size) the first time and cached under a key of the
+    recipe and torchvision's version; loaded from the cache afterwards."""
+    keyed = {**recipe, "train": DIGITS_TRAIN_COUNT, "torchvision": torchvision.__version__}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    path = (Path(cache) if cache else cache_dir()) / f"digits_{recipe['arch']}_{key}.pt"
     with torch.random.fork_rng(devices=[]):  # torchvision's init uses the global RNG: isolate it
-        torch.manual_seed(seed)
-        model = torchvision.models.resnet18(num_classes=10)
+        torch.manual_seed(recipe["seed"])
+        model = build()
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    inputs, labels = digits_tensors(size)
+    inputs, labels = digits_tensors(recipe["size"])
     train_classifier(model, inputs[:DIGITS_TRAIN_COUNT], labels[:DIGITS_TRAIN_COUNT],
-                     epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
+                     epochs=recipe["epochs"], lr=recipe["lr"], batch_size=recipe["batch_size"],
+                     seed=recipe["seed"])
     path.parent.mkdir(parents=True, exist_ok=True)
     # atomic: an interrupted training never leaves a half-written cache
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))

@@ -65,3 +65,52 @@ def test_guided_backprop_is_invariant_to_the_top_layers(cascading_summary) -> No
         s[("gradient", "conv1", "spearman_abs")].ci_high
     assert s[("guided_backprop", "conv1", "spearman")].mean > \
         s[("gradient", "conv1", "spearman")].mean + 0.2
+
+
+# --- a trained Vision Transformer, block by block (examples/vit_digits.py) ----------------
+
+
+@pytest.fixture(scope="module")
+def vit_run():
+    import runpy
+
+    example = runpy.run_path(str(ROOT / "examples" / "vit_digits.py"))
+    result = example["check_vit"](cache=str(ROOT / ".cache"))
+    return example, result, {(s.test, s.method, s.stage, s.metric): s
+                             for s in result.run.summary}
+
+
+def test_the_digits_vit_is_trained_and_cut_into_its_layers(vit_run) -> None:
+    from saliencycheck.zoo import digits_vit
+
+    inputs, labels = digits_tensors(32)
+    model = digits_vit(cache=str(ROOT / ".cache"))
+    assert accuracy(model, inputs[DIGITS_TRAIN_COUNT:], labels[DIGITS_TRAIN_COUNT:]) >= 0.9
+    _, result, _ = vit_run
+    assert result.setup.stage_names["cascading"] == [
+        "trained", "encoder.ln+heads.head", "encoder.layers.encoder_layer_3",
+        "encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_1",
+        "encoder.layers.encoder_layer_0", "(embedding)", "conv_proj"]
+    gradcam = next(m for m in result.setup.methods if m.name == "gradcam")
+    assert (gradcam.params.layer, gradcam.params.layout) == (
+        "encoder.layers.encoder_layer_3.ln_1", "tokens")
+
+
+def test_on_the_vit_the_gradient_and_gradcam_follow_the_head_and_rollout_does_not(
+        vit_run) -> None:
+    _, _, s = vit_run
+    head = "encoder.ln+heads.head"
+    # the gradient: randomizing the head alone already erases its map (signed Spearman ≈ 0),
+    # and it stays there to the last stage
+    assert abs(s[("cascading", "gradient", head, "spearman")].mean) < 0.15
+    final = s[("cascading", "gradient", "conv_proj", "spearman")]
+    assert abs(final.mean) < 0.1 and final.ci_low < 0.1 and final.ci_high > -0.1
+    # Grad-CAM on the last layer's ln_1 responds to the head's randomization
+    assert s[("cascading", "gradcam", head, "spearman")].mean < 0.5
+    # attention rollout never reads the head, nor the class it is asked to explain
+    assert s[("cascading", "attention_rollout", head, "spearman")].mean > 0.99
+    assert s[("random_logit", "attention_rollout", "random_class", "spearman")].mean > 0.999
+    # gradient rollout weights the attention by the gradient: it moves, less than Grad-CAM
+    rollout = s[("cascading", "gradient_rollout", head, "spearman")].mean
+    assert s[("cascading", "gradcam", head, "spearman")].mean < rollout < 0.9
+    assert s[("random_logit", "gradient_rollout", "random_class", "spearman")].mean < 0.9

@@ -130,11 +130,15 @@ def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
         row[0].set_ylabel("similarity to trained map", fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
     spare = len(metrics) % axes.shape[1]  # an empty panel takes the legend
-    fig.legend(handles, labels, fontsize=7, loc="lower right" if spare else "upper right",
-               ncols=1 if spare else len(labels))
     fig.suptitle(f"{test} randomization (mean and {percent(level)} CI over images"
                  + ("; dotted, faint band: random-network floor)" if floors else ")"), fontsize=10)
-    fig.tight_layout()
+    if spare:
+        fig.legend(handles, labels, fontsize=7, loc="lower right")
+        fig.tight_layout()
+    else:  # a row under the title, clear of it and of the panels
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.legend(handles, labels, fontsize=7, loc="upper center", ncols=len(labels),
+                   bbox_to_anchor=(0.5, 0.955), frameon=False)
     return fig
 
 
