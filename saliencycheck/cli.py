@@ -422,11 +422,25 @@ def merge(
 def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     """Check a config without running: schema, model build and weights, layers, images."""
     from saliencycheck.runner import prepare
-    from saliencycheck.runner.setup import unreadable_images
+    from saliencycheck.runner.setup import (
+        check_label_checkpoints,
+        input_path_activations,
+        method_statuses,
+        unreadable_images,
+    )
 
     try:
         loaded = load_config(config, overrides)
-        setup = prepare(loaded, probe_methods=True)
+        setup = prepare(loaded)
+        statuses = method_statuses(setup)
+        refused = [s for s in statuses if s.error is not None]
+        if refused:
+            more = (f" (and {len(refused) - 1} more refused: "
+                    f"{', '.join(s.label for s in refused[1:])})" if len(refused) > 1 else "")
+            error = refused[0].error
+            raise type(error)(f"{loaded.source.name}: {error}{more}")
+        check_label_checkpoints(setup)
+        activations = input_path_activations(setup)
     except SaliencyCheckError as exc:
         raise fail(exc) from None
     except SystemExit as exc:
@@ -439,12 +453,37 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     console.print(f"{config}: valid. {loaded.config.model.label} ({setup.weights_source}), "
                   f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
                   f"{len(setup.methods)} methods, {stages}.", highlight=False)
+    console.print(_compatibility_table(setup, statuses, activations), highlight=False)
     if setup.stages:
         from saliencycheck.randomization import BLOCK_RULE, LAYER_RULE
 
         console.print(f"Blocks. {BLOCK_RULE}. {LAYER_RULE}.", highlight=False)
     for test, test_stages in setup.stages.items():
         console.print(_stage_table(test, test_stages, setup.config), highlight=False)
+
+
+def _compatibility_table(setup, statuses: list, activations) -> Table:  # noqa: ANN001
+    """Each method's status on this model (probed on the first image), Grad-CAM's layer and
+    layout, and the activations on the input's path the guided rule would meet."""
+    on_path = f"{activations.relu_calls} ReLU call(s) on the input's path"
+    off = (f", {activations.off_path_relus} that do not see the input"
+           if activations.off_path_relus else "")
+    others = ", ".join(f"{a}×{n}" for a, n in sorted(activations.other_activations.items()))
+    table = Table(title=f"methods on this model ({on_path}{off}"
+                        + (f"; other activations: {others}" if others else "") + ")",
+                  title_justify="left")
+    for column in ("method", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    colour = {"ok": "green", "warning": "yellow", "refused": "red"}
+    for method, status in zip(setup.methods, statuses):
+        detail = status.detail
+        if "layer" in type(method.params).model_fields:
+            layout = getattr(method.params, "layout", "nchw")
+            detail = "; ".join(d for d in (f"layer {method.params.layer} ({layout})", detail)
+                               if d)
+        table.add_row(method.label, f"[{colour[status.status]}]{status.status}[/]",
+                      escape(detail))
+    return table
 
 
 def _stage_table(test: str, stages: list, config) -> Table:  # noqa: ANN001 (a Config)

@@ -181,7 +181,8 @@ def test_validate_lists_the_blocks_each_stage_randomizes(project: Path) -> None:
                                  "tests.independent.enabled=false"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "Granularity block: the model's repeated units" in result.output  # the rule
-    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if "│" in line]
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines()
+            if line.count("│") == 5]  # the stage table's (the methods' has 3 columns)
     assert [[cell.strip() for cell in row] for row in rows] == [
         ["1", "8", "36", "2.5%"],  # top down: the head (8·4 + 4 of 1,444 parameters) first
         ["2", "5.0", "584", "42.9%"]]  # then the last convolution (8·8·9 + 8)
@@ -204,3 +205,23 @@ def test_methods_lists_the_registry() -> None:
     for name in ("gradient", "gradient_x_input", "integrated_gradients", "guided_backprop",
                  "deconvnet", "gradcam", "guided_gradcam", "smoothgrad", "vargrad", "custom"):
         assert name in result.output
+
+
+def test_validate_shows_each_methods_status_on_the_model(project: Path) -> None:
+    result = runner.invoke(app, ["validate", str(project / "config.yaml"), "--set",
+                                 "model.factory=tests.test_cli:tanh_cnn", "--set",
+                                 "methods=[gradient, gradcam]"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())  # the title, however rich wrapped it
+    assert "methods on this model (0 ReLU call(s) on the input's path; other activations: " \
+        "tanh×1)" in shown
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in result.output.splitlines() if line.count("│") == 4}
+    assert rows["gradient"] == ["ok", ""]
+    assert rows["gradcam"][0] == "ok" and rows["gradcam"][1].startswith("layer ")
+    refused = runner.invoke(app, ["validate", str(project / "config.yaml"), "--set",
+                                  "model.factory=tests.test_cli:tanh_cnn", "--set",
+                                  "methods=[guided_backprop, gradient, deconvnet]"])
+    assert refused.exit_code == 2
+    assert refused.output.startswith("error: config.yaml: methods[0] (guided_backprop):")
+    assert refused.output.strip().endswith("(and 1 more refused: deconvnet)")

@@ -8,6 +8,7 @@ the images load and every method's parameters are valid.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -36,7 +37,12 @@ from saliencycheck.errors import (
     SaliencyCheckError,
     first_line,
 )
-from saliencycheck.methods import AttributionContext, ResolvedMethod, resolve_method
+from saliencycheck.methods import (
+    AttributionContext,
+    ReluRuleWarning,
+    ResolvedMethod,
+    resolve_method,
+)
 from saliencycheck.methods.layers import default_layer, layer_layout
 from saliencycheck.models import (
     IMAGENET_MEAN,
@@ -50,6 +56,7 @@ from saliencycheck.models import (
 )
 from saliencycheck.postprocess import PostprocessOptions
 from saliencycheck.randomization import Stage
+from saliencycheck.relu_rules import ReluRuleMode, ReluRuleReport
 from saliencycheck.runner.ownership import check_apart
 from saliencycheck.verdicts import check_fail_on, resolve_stage
 
@@ -213,16 +220,53 @@ def check_verdict_rules(setup: RunSetup) -> None:
         resolve_stage(test, threshold.stage, setup.stage_names[test], setup.final_stage[test])
 
 
-def probe(setup: RunSetup) -> None:
-    """Run each method once on the first image; raise its error with the method's YAML path."""
+@dataclass(frozen=True)
+class MethodStatus:
+    """What probing a method on the run's first image found: ``ok``, ``warning`` (it runs,
+    with a caveat: the guided rule applied to the ReLUs only) or ``refused`` (the error)."""
+
+    label: str
+    status: str
+    detail: str = ""
+    error: SaliencyCheckError | None = dataclass_field(default=None, repr=False)
+
+
+def method_statuses(setup: RunSetup) -> list[MethodStatus]:
+    """Run each method once on the first image: its status, refusals named by YAML path."""
     inputs = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
     with torch.inference_mode():
         target = setup.model(inputs).argmax(dim=1)
+    statuses = []
     for index, method in enumerate(setup.methods):
-        try:
-            method(setup.model, inputs, target, setup.context)
-        except SaliencyCheckError as exc:
-            raise type(exc)(f"methods[{index}] ({method.label}): {exc}") from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReluRuleWarning)
+            try:
+                method(setup.model, inputs, target, setup.context)
+            except SaliencyCheckError as exc:
+                error = type(exc)(f"methods[{index}] ({method.label}): {exc}")
+                statuses.append(MethodStatus(method.label, "refused", str(exc), error))
+                continue
+        notes = [str(w.message) for w in caught if issubclass(w.category, ReluRuleWarning)]
+        statuses.append(MethodStatus(method.label, "warning" if notes else "ok",
+                                     "; ".join(notes)))
+    return statuses
+
+
+def probe(setup: RunSetup) -> None:
+    """Raise the first method's refusal (see :func:`method_statuses`), if any."""
+    for status in method_statuses(setup):
+        if status.error is not None:
+            raise status.error from None
+
+
+def input_path_activations(setup: RunSetup) -> ReluRuleReport:
+    """The activations one forward of the first image calls: ReLUs on the input's path (the
+    guided methods' rule applies there), ReLUs that never see it, other activations."""
+    inputs = first_readable(setup.images, setup.preprocessing)[0].tensor[None].to(setup.device)
+    mode = ReluRuleMode("guided")
+    with torch.enable_grad(), mode:
+        setup.model(inputs.clone().requires_grad_(True))
+    return mode.report()
 
 
 def first_readable(images: list[ImageRef], pre: Preprocessing, count: int = 1
