@@ -421,45 +421,51 @@ def merge(
 @app.command()
 def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     """Check a config without running: schema, model build and weights, layers, images."""
-    from saliencycheck.runner import prepare
-    from saliencycheck.runner.setup import (
-        check_label_checkpoints,
-        input_path_activations,
-        method_statuses,
-        unreadable_images,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        warnings.showwarning = _show_warning
+        from saliencycheck.runner import prepare
+        from saliencycheck.runner.setup import (
+            check_label_checkpoints,
+            input_path_activations,
+            method_statuses,
+            unreadable_images,
+        )
 
-    try:
-        loaded = load_config(config, overrides)
-        setup = prepare(loaded)
-        statuses = method_statuses(setup)
-        refused = [s for s in statuses if s.error is not None]
-        if refused:
-            more = (f" (and {len(refused) - 1} more refused: "
-                    f"{', '.join(s.label for s in refused[1:])})" if len(refused) > 1 else "")
-            error = refused[0].error
-            raise type(error)(f"{loaded.source.name}: {error}{more}")
-        check_label_checkpoints(setup)
-        activations = input_path_activations(setup)
-    except SaliencyCheckError as exc:
-        raise fail(exc) from None
-    except SystemExit as exc:
-        raise fail(_user_exit(exc)) from None
-    skipped = unreadable_images(setup)
-    for image in skipped:
-        err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
-                          highlight=False)
-    stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
-    console.print(f"{config}: valid. {loaded.config.model.label} ({setup.weights_source}), "
-                  f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
-                  f"{len(setup.methods)} methods, {stages}.", highlight=False)
-    console.print(_compatibility_table(setup, statuses, activations), highlight=False)
-    if setup.stages:
-        from saliencycheck.randomization import BLOCK_RULE, LAYER_RULE
+        try:
+            loaded = load_config(config, overrides)
+            setup = prepare(loaded)
+            statuses = method_statuses(setup)
+            refused = [s for s in statuses if s.error is not None]
+            if refused:
+                more = (f" (and {len(refused) - 1} more refused: "
+                        f"{', '.join(s.label for s in refused[1:])})" if len(refused) > 1 else "")
+                error = refused[0].error
+                raise type(error)(f"{loaded.source.name}: {error}{more}")
+            try:
+                check_label_checkpoints(setup)
+            except SaliencyCheckError as exc:  # as prepare names its errors: the file first
+                raise type(exc)(f"{loaded.source.name}: {exc}") from None
+            activations = input_path_activations(setup)
+        except SaliencyCheckError as exc:
+            raise fail(exc) from None
+        except SystemExit as exc:
+            raise fail(_user_exit(exc)) from None
+        skipped = unreadable_images(setup)
+        for image in skipped:
+            err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
+                              highlight=False)
+        stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
+        console.print(f"{config}: valid. {loaded.config.model.label} ({setup.weights_source}), "
+                      f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
+                      f"{len(setup.methods)} methods, {stages}.", highlight=False)
+        console.print(_compatibility_table(setup, statuses, activations), highlight=False)
+        if setup.stages:
+            from saliencycheck.randomization import BLOCK_RULE, LAYER_RULE
 
-        console.print(f"Blocks. {BLOCK_RULE}. {LAYER_RULE}.", highlight=False)
-    for test, test_stages in setup.stages.items():
-        console.print(_stage_table(test, test_stages, setup.config), highlight=False)
+            console.print(f"Blocks. {BLOCK_RULE}. {LAYER_RULE}.", highlight=False)
+        for test, test_stages in setup.stages.items():
+            console.print(_stage_table(test, test_stages, setup.config), highlight=False)
 
 
 def _compatibility_table(setup, statuses: list, activations) -> Table:  # noqa: ANN001

@@ -60,6 +60,10 @@ class UserCodeError(SaliencyCheckError):
     exit_code = 3
 
 
+class InputIgnoredWarning(UserWarning):
+    """The model's logits do not depend on its input: every gradient-based map is zero."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (CI cancellation, a Slurm time limit), raised by the CLI's signal handler and
     handled like Ctrl-C: finished units are kept and the report is written from them."""

@@ -564,10 +564,26 @@ ALL_METHODS: dict[str, dict[str, Any]] = {
     "deconvnet": {},
     "gradcam": {},
     "guided_gradcam": {},
+    "attention_rollout": {"head_fusion": "max"},
+    "gradient_rollout": {},
     "smoothgrad": {"samples": 3},
     "vargrad": {"samples": 3, "of": "integrated_gradients", "of_params": {"steps": 2}},
     "custom": {"callable": f"{USER_MODULE}:gradient_times"},
 }
+
+
+ATTENTION_METHODS = {"attention_rollout", "gradient_rollout"}  # they need MultiheadAttention
+
+
+def _small_vit(double: bool = False) -> nn.Module:
+    """A 2-layer ViT on 16×16 inputs (4×4 patches), head drawn at random (not zero)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                              hidden_dim=8, mlp_dim=16, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return (model.double() if double else model).eval()
 
 
 def test_every_registered_method_is_covered() -> None:
@@ -597,6 +613,10 @@ def user_module(tmp_path, monkeypatch) -> str:
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_batch_equals_single_images_and_chunks(name: str) -> None:
     model, inputs, targets = arch("resnet18", double=True)
+    if name in ATTENTION_METHODS:
+        model, inputs, targets = _small_vit(double=True), torch.randn(
+            len(inputs), 3, 16, 16, generator=torch.Generator().manual_seed(0)).double(), \
+            targets % 10
     method = resolve_method({"name": name, **ALL_METHODS[name]})
     batch = method(model, inputs, targets, CONTEXT)
     singles = torch.cat([method(model, x, t, CONTEXT) for x, t in zip(inputs.split(1),
@@ -644,21 +664,27 @@ def _assert_untouched(model: nn.Module, state: dict[str, Tensor], flags: list[bo
 @pytest.mark.usefixtures("user_module")
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_model_and_inputs_untouched_even_after_an_error(name: str) -> None:
-    model = _small_cnn()
+    model, boom, size = _small_cnn(), 5, 8
+    if name in ATTENTION_METHODS:  # the error in the middle of the encoder
+        model, boom, size = _small_vit(), None, 16
+        layers = model.encoder.layers
+        layers.encoder_layer_1 = nn.Sequential(_Boom(), layers.encoder_layer_1).eval()
+        layers.encoder_layer_0.self_attention.out_proj.weight.requires_grad_(False)
     layer = {"layer": "3"} if "gradcam" in name else {}
     method = resolve_method({"name": name, **ALL_METHODS[name], **layer})
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    inputs = torch.randn(2, 3, 8, 8)
+    inputs = torch.randn(2, 3, size, size)
     copy = inputs.clone()
     maps = method(model, inputs, TARGETS, CONTEXT)
     assert maps.shape[0] == 2 and not maps.requires_grad
     assert torch.equal(inputs, copy) and not inputs.requires_grad and inputs.grad is None
     _assert_untouched(model, state, flags)
-    model[5].armed = True
+    armed = model[boom] if boom is not None else model.encoder.layers.encoder_layer_1[0]
+    armed.armed = True
     with pytest.raises(RuntimeError, match="boom"):
         method(model, inputs, TARGETS, CONTEXT)
-    model[5].armed = False
+    armed.armed = False
     _assert_untouched(model, state, flags)
 
 

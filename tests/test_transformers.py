@@ -293,3 +293,28 @@ def test_the_speed_machinery_changes_no_map_on_transformers_and_modern_cnns(
                 stage_plans[method.label].finish(),
                 method(reference, inputs, targets, AttributionContext()), rtol=1e-9,
                 atol=1e-12, msg=lambda m: f"{stage and stage.name} {method.label}: {m}")
+
+
+def test_a_model_whose_logits_ignore_the_input_is_warned_about(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from saliencycheck.config import LoadedConfig, parse_config
+    from saliencycheck.errors import InputIgnoredWarning
+    from saliencycheck.runner.setup import prepare
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    raw = {"model": {"name": "vit_b_16", "num_classes": 5, "kwargs": {"image_size": 32}},
+           "images": {"path": str(tmp_path / "images"), "size": 32},
+           "methods": ["gradient"], "runtime": {"device": "cpu"}}
+    with pytest.warns(InputIgnoredWarning, match=r"^model: its logits do not depend on the "
+                                                 r"input \(a.png: the top logit's gradient"):
+        prepare(LoadedConfig(config=parse_config(raw), source=tmp_path / "c.yaml"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputIgnoredWarning)  # a model that reads its input
+        prepare(LoadedConfig(config=parse_config({**raw, "model": {"name": "resnet18",
+                                                                   "num_classes": 5}}),
+                             source=tmp_path / "c.yaml"))

@@ -14,9 +14,9 @@ weights through forward hooks that are removed afterwards; the model is not chan
   Attention-model Explainability", eq. 5–6).
 
 The class token's row of ``R`` over the patch tokens, on the patch grid, is upsampled
-bilinearly to the input like Grad-CAM: shape (N, 1, H, W). Computed in fp32, in chunks of at
-most :data:`ROLLOUT_CHUNK` images (every layer's weights are kept: ViT-B/16 holds 22 MB per
-image).
+bilinearly to the input like Grad-CAM: shape (N, 1, H, W). The products are formed in at least
+fp32, in chunks of at most :data:`ROLLOUT_CHUNK` images (every layer's weights are kept:
+ViT-B/16 holds 22 MB per image).
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def _patch_map(rollout: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
 
 
+def _wide(weights: Tensor) -> Tensor:
+    """At least float32: a product over every layer is no place for half precision."""
+    return weights.to(torch.promote_types(weights.dtype, torch.float32))
+
+
 def _chunks(inputs: Tensor, targets: Tensor, context: AttributionContext
             ) -> Iterator[tuple[Tensor, Tensor]]:
     size = max(1, min(context.chunk_size, ROLLOUT_CHUNK))
@@ -106,12 +111,13 @@ def attention_rollout(model: nn.Module, inputs: Tensor, targets: Tensor,
     maps = []
     for x, _ in _chunks(inputs, targets, context):
         with attention_weights(model) as kept, torch.no_grad():
-            model(x.float())
+            model(x)
         rollout = None
         for weights in kept:
-            fused = getattr(weights.float(), head_fusion)(dim=1)
+            fused = getattr(_wide(weights), head_fusion)(dim=1)
             fused = fused.values if head_fusion != "mean" else fused
-            step = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], device=fused.device)
+            step = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], device=fused.device,
+                                                 dtype=fused.dtype)
             step = step / step.sum(dim=-1, keepdim=True)
             rollout = step if rollout is None else step @ rollout
         maps.append(_patch_map(rollout, tuple(inputs.shape[2:])))
@@ -127,7 +133,7 @@ def gradient_rollout(model: nn.Module, inputs: Tensor, targets: Tensor,
     maps = []
     for x, t in _chunks(inputs, targets, context):
         with attention_weights(model) as kept, torch.enable_grad():
-            logits = model(x.float().requires_grad_(True))
+            logits = model(x.detach().requires_grad_(True))
             # MultiheadAttention returns a reshaped view of the weights it multiplied the
             # values with: the gradient is taken at that tensor, its base
             used = [w._base if w._base is not None else w for w in kept]
@@ -140,10 +146,10 @@ def gradient_rollout(model: nn.Module, inputs: Tensor, targets: Tensor,
         grads = [grad.reshape(weights.shape) for grad, weights in zip(grads, kept)]
         rollout = None
         for weights, grad in zip(kept, grads):
-            relevance = (grad * weights).clamp(min=0).mean(dim=1).detach().float()
+            relevance = _wide((grad * weights).clamp(min=0).mean(dim=1).detach())
             if rollout is None:
-                rollout = torch.eye(relevance.shape[-1], device=relevance.device).expand_as(
-                    relevance).clone()
+                rollout = torch.eye(relevance.shape[-1], device=relevance.device,
+                                    dtype=relevance.dtype).expand_as(relevance).clone()
             rollout = rollout + relevance @ rollout
         maps.append(_patch_map(rollout, tuple(inputs.shape[2:])))
     return torch.cat(maps).to(inputs.dtype)

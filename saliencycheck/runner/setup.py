@@ -33,6 +33,7 @@ from saliencycheck.engine.device_memory import auto_chunk_size, cap_device_memor
 from saliencycheck.errors import (
     ConfigError,
     DataError,
+    InputIgnoredWarning,
     ModelError,
     SaliencyCheckError,
     first_line,
@@ -343,6 +344,22 @@ def check_logits(output: object) -> None:
                      f"so forward returns the (N, classes) logits tensor{hint}")
 
 
+def warn_if_input_ignored(model: nn.Module, example: torch.Tensor, image: str) -> None:
+    """Warn when the top logit's gradient is zero everywhere on ``example``: every gradient
+    map would be all zero and every score meaningless (a zero head: torchvision's ViT at
+    initialisation)."""
+    x = example.clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits[0].max(), x, allow_unused=True)
+    if grad is None or not grad.any():
+        warnings.warn(f"model: its logits do not depend on the input ({image}: the top logit's "
+                      "gradient is zero everywhere, e.g. a zero-initialised head such as "
+                      "torchvision's ViT before training); every gradient-based map is zero "
+                      "and its scores say nothing; load trained weights", InputIgnoredWarning,
+                      stacklevel=2)
+
+
 def in_memory(module: nn.Module) -> LoadedModel:
     """A caller's model as the run's: a deep copy in eval mode (the caller's stays as it is)."""
     if not isinstance(module, nn.Module):
@@ -407,6 +424,7 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
                          "so every map and score would be undefined; check model.weights and "
                          "the model's forward")
+    warn_if_input_ignored(model, example, readable[0].id)
     num_classes = logits.shape[-1]
     target = config.images.target
     if isinstance(target, int) and target >= num_classes:
