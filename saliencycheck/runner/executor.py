@@ -74,6 +74,10 @@ class UnitExecutor:
         self.setup = setup
         self._prepared = prepared or {}
         self.checks = setup.checks
+        # progress steps, fixed for the run: read per pass and per group, not recomputed
+        self.pass_steps = setup.pass_steps
+        self.own_steps = {check.name: check.steps(setup) for check in self.checks
+                          if not check.randomizes}  # sMPRT's are its own passes'
         self.randomized = RandomizedModels(setup.model)
         tests = setup.config.tests
         self._options = dict(init=tests.init, std=tests.init_std,
@@ -167,7 +171,7 @@ class UnitExecutor:
                     inputs[group], [targets[group], *(explained[ref][group]
                                                       for ref in self.pass_refs)], trace,
                     lambda done, g=group, n=count: progress(
-                        done * setup.pass_steps * n / len(ids),
+                        done * self.pass_steps * n / len(ids),
                         f"{unit.id}: images {g.start + 1}–{g.stop} of {len(ids)}"))
                 pass_logits.append(kept)
                 self._score_group(Group(
@@ -204,8 +208,8 @@ class UnitExecutor:
         for check in self.checks:
             check.score(self, replace(group, states=[
                 (ref, *states[ref]) for ref in self.pass_refs if ref.test == check.name]))
-            if not check.randomizes and check.steps(setup):  # sMPRT's are its own passes'
-                progress(check.steps(setup), check.name.replace("_", " "))
+            if self.own_steps.get(check.name):
+                progress(self.own_steps[check.name], check.name.replace("_", " "))
 
     def _pass_logits(self, inputs: torch.Tensor, trace: CallTrace | None,
                      groups: list[list[Tensor | None]]

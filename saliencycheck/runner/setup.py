@@ -344,14 +344,11 @@ def check_logits(output: object) -> None:
                      f"so forward returns the (N, classes) logits tensor{hint}")
 
 
-def warn_if_input_ignored(model: nn.Module, example: torch.Tensor, image: str) -> None:
-    """Warn when the top logit's gradient is zero everywhere on ``example``: every gradient
-    map would be all zero and every score meaningless (a zero head: torchvision's ViT at
-    initialisation)."""
-    x = example.clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x)
-        (grad,) = torch.autograd.grad(logits[0].max(), x, allow_unused=True)
+def warn_if_input_ignored(x: torch.Tensor, logits: torch.Tensor, image: str) -> None:
+    """Warn when the top logit's gradient with respect to ``x`` (a batch of one, requiring
+    grad) is zero everywhere: every gradient map would be all zero and every score
+    meaningless (a zero head: torchvision's ViT at initialisation)."""
+    (grad,) = torch.autograd.grad(logits[0].max(), x, allow_unused=True)
     if grad is None or not grad.any():
         warnings.warn(f"model: its logits do not depend on the input ({image}: the top logit's "
                       "gradient is zero everywhere, e.g. a zero-initialised head such as "
@@ -411,9 +408,10 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
     readable = first_readable(images, pre, output.figure_images if output.figures else 1)
     figure_ids = frozenset(r.id for r in readable[: output.figure_images if output.figures else 0])
     example = readable[0].tensor[None].to(device)
-    try:
-        with torch.inference_mode():
-            logits = model(example)
+    x = example.clone().requires_grad_(True)  # one forward: the logits, and whether they
+    try:  # depend on the input at all (warn_if_input_ignored)
+        with torch.enable_grad():
+            logits = model(x)
     except RuntimeError as exc:
         raise SaliencyCheckError(
             f"model: forward pass failed on a {pre.size}x{pre.size} image "
@@ -424,7 +422,8 @@ def _prepare(loaded: LoadedConfig, given: nn.Module | None = None,
         raise ModelError(f"model: its outputs on {readable[0].id} are not finite (NaN or inf), "
                          "so every map and score would be undefined; check model.weights and "
                          "the model's forward")
-    warn_if_input_ignored(model, example, readable[0].id)
+    warn_if_input_ignored(x, logits, readable[0].id)
+    logits = logits.detach()
     num_classes = logits.shape[-1]
     target = config.images.target
     if isinstance(target, int) and target >= num_classes:
