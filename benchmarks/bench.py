@@ -7,7 +7,8 @@
 Four contenders per workload and granularity, all on the same model object (same weights),
 images, targets, methods, stage list and metrics (see benchmarks/README.md):
 
-1. saliencycheck: ``run_check`` (maps, scores, CSV reports; figures off);
+1. saliencycheck: ``saliencycheck.check`` on the model in memory (plan, maps, scores, CSV
+   reports; figures off), as a notebook user calls it;
 2. Quantus MPRT with Captum methods, one MPRT call per method, both metrics in the call;
 3. naive bare compute: each method's own passes, full forward every time (benchmarks/naive.py);
 4. minimal bare compute: the executor's shared, prefix-cached passes for the trained model and
@@ -44,6 +45,7 @@ if str(REPO) not in sys.path:  # `benchmarks.models:...` factories and this pack
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import saliencycheck as sc  # noqa: E402
 from benchmarks.memory import gpu_busy  # noqa: E402
 from benchmarks.memory import measure as measure_memory  # noqa: E402
 from benchmarks.memory import table as memory_table  # noqa: E402
@@ -55,13 +57,13 @@ from benchmarks.workloads import (  # noqa: E402
     workload_b,
     workload_c,
 )
-from saliencycheck.config import LoadedConfig, parse_config  # noqa: E402
+from saliencycheck.api import prepared  # noqa: E402
 from saliencycheck.data import load_images  # noqa: E402
 from saliencycheck.engine.host_memory import reused_host_memory  # noqa: E402
 from saliencycheck.methods import compute_maps  # noqa: E402
 from saliencycheck.metrics import spearman  # noqa: E402
 from saliencycheck.randomization import RandomizedModels  # noqa: E402
-from saliencycheck.runner import prepare, run_check  # noqa: E402
+from saliencycheck.runner import RunSetup  # noqa: E402
 from saliencycheck.runner.executor import UnitExecutor  # noqa: E402
 
 try:
@@ -159,17 +161,28 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
     with tempfile.TemporaryDirectory(prefix="scbench_") as tmp_name:
         tmp = Path(tmp_name)
         images_path = prepare_images(workload, tmp / "images")
-        raw = workload.config(granularity=granularity, device=str(device),
-                              images_path=images_path, output_dir=tmp / "run",
-                              reuse_host_memory=reuse_host_memory)
-        config = parse_config(raw, source="bench.yaml")
+        model = workload.build_model()
+        limit_all = workload.stage_limit
+
+        def arguments(limit: int | None) -> dict:
+            """``check``'s arguments, the cascade cut to its first ``limit`` stages (top-down:
+            the blocks nearest the logits)."""
+            blocks = [stage.name for stage in all_stages[:limit]] if limit else None
+            return workload.check_arguments(granularity=granularity, device=str(device),
+                                             reuse_host_memory=reuse_host_memory, blocks=blocks)
+
+        def plan(limit: int | None) -> RunSetup:
+            with prepared(model, images_path, **arguments(limit)) as (setup, _):
+                return setup
+
+        all_stages: list = []
         start = time.perf_counter()
-        setup = prepare(LoadedConfig(config=config, source=tmp / "bench.yaml"))
+        setup = plan(None)
         prepare_s = time.perf_counter() - start
-        stages = all_stages = setup.stages["cascading"]
-        if workload.stage_limit:
-            stages = stages[: workload.stage_limit]
-            setup = dataclasses.replace(setup, plans={**setup.plans, "cascading": stages})
+        all_stages = setup.stages["cascading"]
+        setups = {1: plan(1), None: plan(limit_all) if limit_all else setup}
+        setup = setups[None]
+        stages = setup.stages["cascading"]
         tests = setup.config.tests
         seed = setup.config.runtime.seed
         chunk = setup.context.chunk_size
@@ -190,34 +203,31 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 return model(inputs).argmax(dim=1)
 
         def run_minimal(limit: int | None = None) -> None:
-            run_setup = dataclasses.replace(
-                setup, plans={**setup.plans, "cascading": stages[:limit]}) if limit else setup
-            executor = UnitExecutor(run_setup)
+            executor = UnitExecutor(setups[limit])
             targets = targets_of(setup.model)
             trace = executor.prefix_trace(inputs[:1])
             for group in executor.groups(inputs, targets):
                 executor.group_maps(inputs[group], [targets[group]] * (1 + len(executor.pass_refs)),
                                     trace, progress=lambda done: None)
 
+        # as a user's model comes: parameters require grad (the plan's copy is frozen)
+        naive_model = copy.deepcopy(setup.model).requires_grad_(True)
+
         def run_naive(limit: int | None = None) -> None:
-            targets = targets_of(setup.model)
+            targets = targets_of(naive_model)
             options = {"mean": mean, "std": std, "seed": seed, "chunk_size": chunk}
-            naive_maps(setup.methods, setup.model, inputs, targets, **options)
-            for _, model in stage_iter(RandomizedModels(setup.model), limit):
-                model.requires_grad_(True)  # as a user's model comes: parameters require grad
-                naive_maps(setup.methods, model, inputs, targets, **options)
+            naive_maps(setup.methods, naive_model, inputs, targets, **options)
+            for _, stage_model in stage_iter(RandomizedModels(naive_model), limit):
+                stage_model.requires_grad_(True)
+                naive_maps(setup.methods, stage_model, inputs, targets, **options)
 
         sc_timings: dict = {}
 
         def run_saliencycheck(limit: int | None = None) -> None:
-            run_setup = setup
-            if limit:
-                run_setup = dataclasses.replace(
-                    setup, plans={**setup.plans, "cascading": stages[:limit]},
-                    output_dir=tmp / "warmup")
-            result = run_check(run_setup)
+            result = sc.check(model, images_path, output=tmp / ("warmup" if limit else "run"),
+                              **arguments(limit or limit_all))
             if not limit:
-                sc_timings.update(result.timings, summary=result.summary)
+                sc_timings.update(result.run.timings, summary=result.run.summary)
 
         # --- Quantus: same work only where its module-by-module randomization is our layers
         quantus_note, quantus_methods, q_layers, same_order = "", [], None, None
@@ -311,8 +321,8 @@ def run_case(workload: Workload, granularity: str, device: torch.device, *, repe
                 setup, inputs, targets_fixed, x_np, y_np, quantus_methods, quantus_scores,
                 stages, sc_timings.get("summary", []), device,
                 run_naive_maps=lambda model, t: naive_maps(
-                    setup.methods, model, inputs, t, mean=mean, std=std, seed=seed,
-                    chunk_size=chunk))
+                    setup.methods, copy.deepcopy(model).requires_grad_(True), inputs, t,
+                    mean=mean, std=std, seed=seed, chunk_size=chunk))
             log(f"  agreement check: {time.perf_counter() - start:.1f} s")
         return result
 
@@ -365,6 +375,8 @@ def check_agreement(setup, inputs, targets, x_np, y_np, quantus_methods, quantus
     nan_mismatch: dict[str, int] = {m.label: 0 for m in quantus_methods}
     layers = 0
     for name, model in qd.replay_quantus_models(copy.deepcopy(setup.model), str(device)):
+        if quantus_methods and name not in quantus_scores[quantus_methods[0].label]:
+            break  # Quantus's layer generator was cut there (stage_limit)
         layers += 1
         maps = compute_maps(setup.methods, model, inputs, targets, setup.context)
         for qm in quantus_methods:
@@ -570,8 +582,8 @@ def write_report(path: Path, results: list[CaseResult], env: dict, argv: list[st
             lines.append(f"- {r.workload.key}/{r.granularity}: saliencycheck's own split of its "
                          f"last run: " + ", ".join(f"{k} {v:.2f} s"
                                                    for k, v in r.sc_timings.items())
-                         + f"; `prepare` (model, images, stage plan; not timed, common to all) "
-                         f"{r.prepare_s:.2f} s")
+                         + f"; the rest of its time is `check`'s plan (copy of the model, "
+                         f"images, stage plan; {r.prepare_s:.2f} s when planned alone)")
     lines += ["", "## Quantus", ""]
     for r in results:
         lines.append(f"- {r.workload.key}/{r.granularity}: Quantus randomizes "

@@ -1,11 +1,14 @@
-"""The benchmark's workloads: one saliencycheck config each, shared by all four contenders."""
+"""The benchmark's workloads: one model and one ``saliencycheck.check`` call each, shared by
+all four contenders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "sample_images" / "digits"
@@ -32,23 +35,31 @@ class Workload:
     stage_limit: int | None = None  # the first stages of each case, for every contender
     notes: list[str] = field(default_factory=list)
 
-    def config(self, *, granularity: str, device: str, images_path: Path, output_dir: Path,
-               reuse_host_memory: bool = True) -> dict:
-        """The saliencycheck config (same keys as a YAML config)."""
+    def build_model(self) -> nn.Module:
+        """The workload's model, in memory (its factory called as a config's model.factory)."""
+        module, _, name = self.model["factory"].partition(":")
+        return getattr(import_module(module), name)(num_classes=self.model["num_classes"])
+
+    def check_arguments(self, *, granularity: str, device: str,
+                        reuse_host_memory: bool = True, blocks: list[str] | None = None
+                        ) -> dict:
+        """The keyword arguments of ``saliencycheck.check`` (the config's sections) after the
+        model and the image folder; ``blocks`` cuts the cascade to those blocks."""
+        cascading = {"enabled": True, "granularity": granularity, "order": "top_down"}
+        if blocks:
+            cascading["blocks"] = blocks
         return {
-            "model": self.model,
-            "images": {"path": str(images_path), "size": self.size, "mean": list(self.mean),
-                       "std": list(self.std), "limit": self.images, "target": "predicted"},
+            "image_settings": {"size": self.size, "mean": list(self.mean),
+                               "std": list(self.std), "limit": self.images},
+            "targets": "predicted",
             "methods": self.methods,
-            "tests": {"cascading": {"enabled": True, "granularity": granularity,
-                                    "order": "top_down"},
-                      "independent": {"enabled": False},
+            "tests": {"cascading": cascading, "independent": {"enabled": False},
                       "init": "reset", "target_on_randomized": "original"},
             "metrics": list(self.metrics),
-            "runtime": {"device": device, "batch_size": self.batch_size,
-                        "chunk_size": self.chunk_size, "seed": 0,
+            "device": device, "seed": 0,
+            "runtime": {"batch_size": self.batch_size, "chunk_size": self.chunk_size,
                         "reuse_host_memory": reuse_host_memory},
-            "output": {"dir": str(output_dir), "figures": False, "save_maps": False},
+            "output_settings": {"figures": False, "save_maps": False},
             "baselines": {"random_floor": False},  # Quantus computes no floor: same work
         }
 
@@ -117,24 +128,32 @@ def workload_b(*, gpu: bool, quick: bool = False, images: int | None = None,
 
 def workload_c(*, gpu: bool, quick: bool = False, images: int | None = None,
                stages: int | None = None) -> Workload:
-    """(c) ViT-B/16 at 224×224 with gradient, IG-32 and SmoothGrad-32, layer granularity (the
-    granularity Quantus has): every contender randomizes the same number of modules, top-down.
-    On the CPU: 2 images, the first 3 stages."""
-    steps = 4 if quick or not gpu else 32
-    methods = ["gradient", {"name": "integrated_gradients", "steps": steps, "baseline": "black"},
-               {"name": "smoothgrad", "samples": steps, "noise": 0.15}]
+    """(c) ViT-B/16 at 224×224, layer granularity (the granularity Quantus has): every
+    contender randomizes the same number of modules, top-down. On a GPU: gradient, IG-32 and
+    SmoothGrad-32, 64 images; on the CPU, reduced: gradient and IG-16, 2 images, the first 3
+    stages."""
     full = gpu and not quick
+    if full:
+        methods = ["gradient", {"name": "integrated_gradients", "steps": 32, "baseline": "black"},
+                   {"name": "smoothgrad", "samples": 32, "noise": 0.15}]
+    else:
+        methods = ["gradient", {"name": "integrated_gradients", "steps": 4 if quick else 16,
+                                "baseline": "black"}]
+    notes = ["Quantus randomizes the modules that have `reset_parameters` (it skips ViT's "
+             "attention in-projections, position embedding and class token); saliencycheck's "
+             "layer granularity randomizes every module with parameters. Both run the same "
+             "number of randomized models over the same images, so the passes are the same "
+             "work; which weights each stage changes differs (the ResNets' lists are equal)."]
+    if not full:
+        notes.append("Reduced on the CPU: 2 images and the first 3 of 77 layer stages (top-down: "
+                     "the head, the final LayerNorm, the last MLP's second linear layer), "
+                     "gradient and IG-16 only.")
     return Workload(
         key="c", title="(c) ViT-B/16" + ("" if full else ", reduced for the CPU"),
         model=VIT_MODEL, images=(images or 64) if full else 1 if quick else 2, size=224,
         mean=(0.5,) * 3, std=(0.5,) * 3, methods=methods, granularities=("layer",),
         batch_size=32 if full else 2, image_source="photos",
-        stage_limit=stages if full else 2 if quick else 3,
-        notes=["Quantus randomizes the modules that have `reset_parameters` (it skips ViT's "
-               "attention in-projections, position embedding and class token); saliencycheck's "
-               "layer granularity randomizes every module with parameters. Both run the same "
-               "number of randomized models over the same images, so the passes are the same "
-               "work; which weights each stage changes differs (the ResNets' lists are equal)."])
+        stage_limit=stages if full else 2 if quick else 3, notes=notes)
 
 
 def prepare_images(workload: Workload, folder: Path) -> Path:

@@ -180,6 +180,26 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
     folder saliencycheck did not write needs ``force``); by default they go to a temporary
     folder. Raises the CLI's one-line errors as exceptions.
     """
+    with prepared(model, images, targets=targets, methods=methods, tests=tests,
+                  metrics=metrics, device=device, seed=seed, output=output, force=force,
+                  **config) as (setup, temporary):
+        with _progress_bar(progress) as advance:
+            run = run_check(setup, progress=advance, force=force)
+    return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
+
+
+@contextmanager
+def prepared(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
+             targets: str | int | Tensor = "predicted",
+             methods: Sequence[str | dict[str, Any] | Callable[..., Tensor]] | None = None,
+             tests: dict[str, Any] | None = None, metrics: Sequence[str] | None = None,
+             device: str = "auto", seed: int = 0, output: str | PathLike[str] | None = None,
+             force: bool = False, **config: Any
+             ) -> Iterator[tuple[RunSetup, tempfile.TemporaryDirectory | None]]:
+    """The validated plan that :func:`check` runs (same arguments), and the temporary output
+    folder when ``output`` is None (the caller keeps it alive). For tools that drive the engine
+    themselves, as the benchmark's bare-compute contenders do; in-memory method functions are
+    usable until the block ends."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"check(): model must be a torch.nn.Module, not {type(model).__name__}")
     refs, labels = None, None
@@ -206,14 +226,11 @@ def check(model: nn.Module, images: str | PathLike[str] | Tensor | Iterable, *,
         restore = memory_fraction_restored() if loaded.config.runtime.device_memory_gib \
             else nullcontext()
         with restore:
-            setup = prepare(loaded, model=model, images=refs, labels=labels,
-                            label_models=label_models)
-            with _progress_bar(progress) as advance:
-                run = run_check(setup, progress=advance, force=force)
+            yield prepare(loaded, model=model, images=refs, labels=labels,
+                          label_models=label_models), temporary
     finally:
         for name in functions:  # the functions were needed for this run only
             forget(name)
-    return Result(run=run, folder=setup.output_dir, setup=setup, _temporary=temporary)
 
 
 MEMORY = "<memory>"  # images.path of images handed over in memory
