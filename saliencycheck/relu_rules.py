@@ -24,6 +24,11 @@ Notes
 * Other activations (SiLU, Hardswish, GELU, sigmoid, tanh, ...) keep their plain gradient;
   the mode counts them (:class:`ReluRuleReport`) so callers can warn that the rule applied to
   the ReLUs only. EfficientNet has no ReLU at all; MobileNetV3 mixes ReLU and Hardswish.
+* ``nonlinearity_rule="gelu_as_relu"`` (opt-in) also rules GELU and SiLU calls as if they
+  were ReLUs: their forward is unchanged and their backward is the rule's, guided
+  ``grad.clamp(min=0) * (x > 0)``, deconvnet ``grad.clamp(min=0)``. It lets the guided methods
+  run on transformers and modern CNNs, but it is an extension with no published definition;
+  the report counts these calls apart (``as_relu``) so callers can say so.
 * Operations that are not dispatched through ``torch.overrides`` (TorchScript, a ReLU written
   as ``x.clamp(min=0)``) are not seen.
 * A ReLU counts only on the input's computational path: when its input requires grad. The
@@ -36,6 +41,7 @@ Notes
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +51,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 Rule = Literal["guided", "deconvnet"]
+NonlinearityRule = Literal["relu_only", "gelu_as_relu"]
+
+# the activations each nonlinearity rule treats as ReLUs (beyond ReLU and ReLU6 themselves)
+AS_RELU: dict[str, frozenset[str]] = {"relu_only": frozenset(),
+                                      "gelu_as_relu": frozenset({"gelu", "silu"})}
 
 _RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 
@@ -82,27 +93,30 @@ class ReluRuleReport:
     relu_calls: int
     other_activations: dict[str, int] = field(default_factory=dict)
     off_path_relus: int = 0  # ReLU calls whose input does not depend on the image
+    as_relu: dict[str, int] = field(default_factory=dict)  # other activations ruled as ReLU
 
 
 class _RuledReLU(torch.autograd.Function):
-    """``clamp(x, 0, upper)`` forward; the guided or deconvnet rule as backward."""
+    """``clamp(x, 0, upper)`` forward, or ``activation(x)`` for an activation ruled as a ReLU
+    (then ``upper`` is None); the guided or deconvnet rule as backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, rule: Rule, upper: float | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, rule: Rule, upper: float | None,
+                activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         if rule == "guided":
             gate = x > 0 if upper is None else (x > 0) & (x < upper)
         else:
             gate = None if upper is None else x < upper
         ctx.save_for_backward(gate)
-        return x.clamp(min=0, max=upper)
+        return activation(x) if activation is not None else x.clamp(min=0, max=upper)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (gate,) = ctx.saved_tensors
         grad = grad.clamp(min=0)
         if gate is not None:
             grad = torch.where(gate, grad, torch.zeros_like(grad))
-        return grad, None, None
+        return grad, None, None, None
 
 
 def _hardtanh_range(args: tuple, kwargs: dict) -> tuple[float, float]:
@@ -118,14 +132,19 @@ class ReluRuleMode(TorchFunctionMode):
     One instance may be entered several times (e.g. once per chunk); its counts accumulate.
     """
 
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Rule, nonlinearity_rule: NonlinearityRule = "relu_only") -> None:
         super().__init__()
         if rule not in ("guided", "deconvnet"):
             raise ValueError(f"unknown ReLU rule {rule!r}; use 'guided' or 'deconvnet'")
+        if nonlinearity_rule not in AS_RELU:
+            raise ValueError(f"unknown nonlinearity rule {nonlinearity_rule!r}; use "
+                             f"{' or '.join(map(repr, AS_RELU))}")
         self.rule: Rule = rule
+        self._as_relu_names = AS_RELU[nonlinearity_rule]
         self._relu_calls = 0
         self._off_path = 0
         self._other: Counter[str] = Counter()
+        self._as_relu: Counter[str] = Counter()
 
     def _ruled(self, x: Tensor, upper: float | None) -> Tensor | None:
         """The ruled ReLU of ``x`` where it lies on the input's path; None (counted) where
@@ -136,6 +155,19 @@ class ReluRuleMode(TorchFunctionMode):
         self._relu_calls += 1
         return _RuledReLU.apply(x, self.rule, upper)
 
+    def _as_relu_call(self, name: str, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        """An activation ruled as a ReLU (``nonlinearity_rule``): its own forward, the rule's
+        backward; counted apart. Off the input's path it runs plain, as a ReLU would."""
+        x = args[0]
+        if torch.is_grad_enabled() and not x.requires_grad:
+            self._other[name] += 1
+            return func(*args, **kwargs)
+        self._as_relu[name] += 1
+        # computed out of place, as the ReLUs are: drop ``inplace`` (SiLU's second argument)
+        rest = () if name == "silu" else args[1:]
+        options = {k: v for k, v in kwargs.items() if k != "inplace"}
+        return _RuledReLU.apply(x, self.rule, None, lambda t: func(t, *rest, **options))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         ruled = None
@@ -145,6 +177,8 @@ class ReluRuleMode(TorchFunctionMode):
             ruled = self._ruled(args[0], 6.0)
         elif func is F.hardtanh:
             self._other["hardtanh"] += 1
+        elif _OTHER_ACTIVATIONS.get(func) in self._as_relu_names:
+            return self._as_relu_call(_OTHER_ACTIVATIONS[func], func, args, kwargs)
         elif func in _OTHER_ACTIVATIONS:
             self._other[_OTHER_ACTIVATIONS[func]] += 1
         return ruled if ruled is not None else func(*args, **kwargs)
@@ -152,4 +186,4 @@ class ReluRuleMode(TorchFunctionMode):
     def report(self) -> ReluRuleReport:
         """Counts so far (over every time this mode was entered)."""
         return ReluRuleReport(relu_calls=self._relu_calls, other_activations=dict(self._other),
-                              off_path_relus=self._off_path)
+                              off_path_relus=self._off_path, as_relu=dict(self._as_relu))

@@ -318,3 +318,109 @@ def test_a_model_whose_logits_ignore_the_input_is_warned_about(tmp_path) -> None
         prepare(LoadedConfig(config=parse_config({**raw, "model": {"name": "resnet18",
                                                                    "num_classes": 5}}),
                              source=tmp_path / "c.yaml"))
+
+
+class _AsReluRule(torch.autograd.Function):
+    """The reference: an activation module's own forward, a ReLU rule's backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, activation: nn.Module, guided: bool) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        ctx.guided = guided
+        return activation(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        grad = grad.clamp(min=0)
+        return (grad * (x > 0) if ctx.guided else grad), None, None
+
+
+class _RuledModule(nn.Module):
+    def __init__(self, activation: nn.Module, guided: bool) -> None:
+        super().__init__()
+        self.activation, self.guided = activation, guided
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _AsReluRule.apply(x, self.activation, self.guided)
+
+
+def ruled_by_modules(model: nn.Module, guided: bool) -> nn.Module:
+    """A copy of ``model`` whose GELU/SiLU/ReLU *modules* carry the rule: the reference for
+    models that apply each activation module once, through a module."""
+    import copy
+
+    ruled = copy.deepcopy(model)
+    for name, module in list(ruled.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (nn.GELU, nn.SiLU, nn.ReLU)):
+                plain = type(child)() if not isinstance(child, nn.GELU) else nn.GELU(
+                    approximate=child.approximate)
+                setattr(module, child_name, _RuledModule(plain, guided))
+    return ruled
+
+
+def _conv_silu() -> nn.Module:
+    """ReLU, in-place SiLU and tanh-approximated GELU in one small CNN."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SiLU(inplace=True),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1), nn.GELU(approximate="tanh"),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_vit, _conv_silu])
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet"])
+def test_gelu_as_relu_is_the_relu_rule_at_gelu_and_silu_and_labelled(build, name) -> None:
+    """Opt-in: GELU and SiLU get the rule's backward (guided: positive gradient where their
+    input is positive; deconvnet: positive gradient), their forward unchanged; equal to the
+    rule written into the activation modules, to 1e-6. The default refuses the ViT (GELU only)."""
+    model = build()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    targets = torch.tensor([0, 2, 4])
+    method = resolve_method({"name": name, "nonlinearity_rule": "gelu_as_relu"})
+    assert method.label == f"{name}_gelu_as_relu"
+    with pytest.warns(UserWarning, match=r"gelu_as_relu ruled .*(gelu|silu)×\d+ as ReLUs \(an "
+                                         r"extension with no published definition"):
+        maps = method(model, x, targets)
+    reference_model = ruled_by_modules(model, guided=name == "guided_backprop")
+    inputs = x.clone().requires_grad_(True)
+    logits = reference_model(inputs)
+    torch.testing.assert_close(logits, model(x), rtol=0, atol=0)  # forward unchanged
+    (expected,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), inputs)
+    torch.testing.assert_close(maps, expected, rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():
+        inputs = x.clone().requires_grad_(True)
+        (plain,) = torch.autograd.grad(model(inputs).gather(1, targets[:, None]).sum(), inputs)
+    assert (maps - plain).abs().max() > 1e-3 * plain.abs().max()  # the rule did something
+    if build is tiny_vit:
+        with pytest.raises(MethodError, match="applies no ReLU.*gelu_as_relu"):
+            resolve_method(name)(model, x, targets)
+
+
+def test_gelu_as_relu_runs_through_a_check_and_is_recorded(tmp_path) -> None:
+    """From the API on a ViT: the label says the extension, run.json keeps the rule, the
+    guided map shares its pass with guided Grad-CAM, and the status is a warning naming it."""
+    import json
+
+    import saliencycheck as sc
+    from saliencycheck.api import prepared
+    from saliencycheck.runner.setup import method_statuses
+
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    methods = [sc.method("guided_backprop", nonlinearity_rule="gelu_as_relu"),
+               sc.method("guided_gradcam", nonlinearity_rule="gelu_as_relu")]
+    arguments = {"methods": methods, "metrics": ["spearman_abs"], "device": "cpu",
+                 "tests": {"cascading": {"granularity": "block", "blocks": ["encoder.ln+heads.head"]}},
+                 "baselines": {"random_floor": False}, "output_settings": {"figures": False}}
+    with pytest.warns(UserWarning, match="gelu_as_relu"):
+        result = sc.check(model, images, output=tmp_path / "run", **arguments)
+    assert set(result.to_pandas()["method"]) == {"guided_backprop_gelu_as_relu",
+                                                 "guided_gradcam_gelu_as_relu"}
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["methods"]
+    assert [m["params"]["nonlinearity_rule"] for m in recorded] == ["gelu_as_relu"] * 2
+    with prepared(model, images, **arguments) as (setup, _):
+        statuses = method_statuses(setup)
+    assert [s.status for s in statuses] == ["warning", "warning"]
+    assert all("no published definition" in s.detail for s in statuses)

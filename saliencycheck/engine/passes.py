@@ -10,8 +10,9 @@ the images — and rows of the same backward rule (``family``) share passes of `
 rows, built chunk by chunk so memory does not grow with steps or samples.
 
 Families: ``plain`` autograd, ``guided`` and ``deconvnet`` (the ReLU rules of
-:mod:`saliencycheck.relu_rules`). Grad-CAM reads (activation, gradient) pairs captured at a
-layer during the plain pass of the images.
+:mod:`saliencycheck.relu_rules`), and ``guided+gelu_as_relu`` / ``deconvnet+gelu_as_relu``
+(those rules with a ``nonlinearity_rule``; see :func:`ruled_family`). Grad-CAM reads
+(activation, gradient) pairs captured at a layer during the plain pass of the images.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +52,23 @@ from saliencycheck.methods.registry import (
     register_method,
 )
 from saliencycheck.models import get_submodule
-from saliencycheck.relu_rules import ReluRuleMode
+from saliencycheck.relu_rules import NonlinearityRule, ReluRuleMode, Rule
 
-Family = Literal["plain", "guided", "deconvnet"]
+Family = str  # "plain", a ReLU rule, or "<rule>+<nonlinearity rule>" (see ruled_family)
 LayerPair = tuple[Tensor, Tensor]  # (activation, ∂ score / ∂ activation) of one layer
+
+
+def ruled_family(rule: Rule, nonlinearity_rule: NonlinearityRule = "relu_only") -> Family:
+    """The family of rows differentiated under ``rule`` with ``nonlinearity_rule``."""
+    return rule if nonlinearity_rule == "relu_only" else f"{rule}+{nonlinearity_rule}"
+
+
+def _relu_mode(family: Family) -> ReluRuleMode | None:
+    """The ReLU rule mode a family's passes run under; None for plain autograd."""
+    if family == "plain":
+        return None
+    rule, _, nonlinearity_rule = family.partition("+")
+    return ReluRuleMode(rule, nonlinearity_rule or "relu_only")
 
 
 class ReluRuleWarning(UserWarning):
@@ -238,8 +252,10 @@ def run_staged(stages: Sequence[StageRequests], context: AttributionContext,
     ``progress`` receives the share of the whole call's rows × stages done, as it goes.
     """
     size = ChunkSize(context.chunk_size)
+    order = ["plain"] + list(dict.fromkeys(r.family for r in stages[0].requests
+                                           if r.family != "plain"))
     families = {family: [[r for r in stage.requests if r.family == family] for stage in stages]
-                for family in ("plain", "guided", "deconvnet")}
+                for family in order}
     total = sum(len(stages) * s.source.count for selected in families.values()
                 for s in _segments(selected[0]).values())
     wanted = {stage.logits.key for stage in stages if stage.logits is not None}
@@ -292,7 +308,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                        if trace is not None else () for stage in stages[1:]]
     cache = PrefixCache(model, chain.from_iterable(prefixes),
                         modifiers=trace.modifiers) if any(prefixes) else None
-    mode = ReluRuleMode(family) if family != "plain" else None
+    mode = _relu_mode(family)
     relu_rules = (lambda: mode) if mode is not None else nullcontext
     stem_paths = _stem_worth_pulling_back(model, base, per_stage) if affine_stem else ()
     stem = [model.get_submodule(path) for path in stem_paths]
@@ -537,10 +553,12 @@ def _last_activation(path: str, store: list[Tensor]) -> Tensor:
 
 
 def _check_relu_report(mode: ReluRuleMode, names: list[str]) -> None:
+    """Refuse a modified backward that met no ReLU on the input's path (nor an activation
+    ruled as one); warn when it left other activations plain, or ruled some as ReLUs."""
     report = mode.report()
     who = ", ".join(names)
     others = ", ".join(f"{act}×{n}" for act, n in sorted(report.other_activations.items()))
-    if report.relu_calls == 0:
+    if report.relu_calls == 0 and not report.as_relu:
         off = (f"{report.off_path_relus} ReLU call(s) that do not see the input" if
                report.off_path_relus else "")
         found = "; ".join(part for part in (off, others) if part)
@@ -548,12 +566,20 @@ def _check_relu_report(mode: ReluRuleMode, names: list[str]) -> None:
         raise MethodError(
             f"{who}: the model applies no ReLU{where}{f' (it applies {found})' if found else ''}"
             ", so the modified backward is undefined; use gradient or integrated_gradients "
-            "instead"
+            "instead (or, as a labelled extension, nonlinearity_rule: gelu_as_relu)"
+        )
+    if report.as_relu:
+        ruled = ", ".join(f"{act}×{n}" for act, n in sorted(report.as_relu.items()))
+        warnings.warn(
+            f"{who}: nonlinearity_rule gelu_as_relu ruled {ruled} as ReLUs (an extension with "
+            "no published definition; counted over all chunks)",
+            ReluRuleWarning,
+            stacklevel=4,
         )
     if others:
         warnings.warn(
-            f"{who}: the rule applies to ReLU only; other activations kept their plain "
-            f"gradient ({others}, counted over all chunks)",
+            f"{who}: {'' if report.as_relu else 'the rule applies to ReLU only; '}other "
+            f"activations kept their plain gradient ({others}, counted over all chunks)",
             ReluRuleWarning,
             stacklevel=4,
         )

@@ -18,10 +18,13 @@ from saliencycheck.engine.passes import (
     RowSource,
     input_gradient_maps,
     planned_method,
+    ruled_family,
 )
 from saliencycheck.methods.base import AttributionContext
 from saliencycheck.methods.layers import Layout, default_layer, to_nchw
+from saliencycheck.methods.modified_relu import GuidedParams
 from saliencycheck.methods.registry import MethodParams
+from saliencycheck.relu_rules import NonlinearityRule
 
 
 class GradCamParams(MethodParams):
@@ -79,21 +82,25 @@ def gradcam(
     return MethodPlan([Request("plain", source, cams, "gradcam")], cams.result)
 
 
+class GuidedGradCamParams(GradCamParams, GuidedParams):
+    """Parameters of guided_gradcam: Grad-CAM's layer and layout, guided backprop's rule."""
+
+
 @planned_method(
     "guided_gradcam",
-    params=GradCamParams,
+    params=GuidedGradCamParams,
     description="guided backprop × upsampled Grad-CAM",
 )
 def guided_gradcam(
     model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None,
-    layout: str = "auto",
+    layout: str = "auto", nonlinearity_rule: NonlinearityRule = "relu_only",
 ) -> MethodPlan:
     """Guided Backprop × Grad-CAM (broadcast over channels), shape (N, C, H, W); both factors
     come from the passes guided_backprop and gradcam already make."""
     guided = input_gradient_maps(source.count)
     cams = _cam_maps(model, source, layer, layout)
     return MethodPlan(
-        [Request("guided", source, guided, "guided_gradcam"),
+        [Request(ruled_family("guided", nonlinearity_rule), source, guided, "guided_gradcam"),
          Request("plain", source, cams, "guided_gradcam")],
         lambda: guided.result() * cams.result(),
     )

@@ -21,6 +21,10 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def default_label(self, name: str) -> str:
+        """The label results carry when the config gives none: the method's name."""
+        return name
+
 
 class NoParams(MethodParams):
     """For methods without parameters."""
@@ -128,7 +132,8 @@ def resolve_method(entry: str | Mapping[str, Any]) -> ResolvedMethod:
         params = spec.params.model_validate(given)
     except ValidationError as err:
         raise ConfigError(_first_error(err, spec)) from None
-    return ResolvedMethod(name=name, label=label or name, spec=spec, params=params)
+    return ResolvedMethod(name=name, label=label or params.default_label(name), spec=spec,
+                          params=params)
 
 
 def _first_error(err: ValidationError, spec: MethodSpec) -> str:
