@@ -26,7 +26,6 @@ from saliencycheck.config import Config, LoadedConfig
 from saliencycheck.errors import StoreError
 from saliencycheck.runner.ownership import STATE_DIR, file_sha256
 from saliencycheck.runner.plan import PLACEMENT, WorkUnit, fingerprint
-from saliencycheck.runner.provenance import model_sha256
 from saliencycheck.runner.setup import RunSetup
 
 HASH_CACHE = "hashes.json"
@@ -85,7 +84,7 @@ def manifest(setup: RunSetup, units: list[WorkUnit], hashes: HashCache) -> dict:
         "images": [[ref.id, *(_size_and_hash(ref.path, hashes) if ref.tensor is None
                               else _tensor_size_and_hash(ref.tensor))] for ref in setup.images],
         "files": files,
-        "model_sha256": model_sha256(setup.model),
+        "model_sha256": setup.model_sha256,
         "units": {u.id: [setup.images[i].id for i in u.image_indices] for u in units},
     }
     hashes.save()

@@ -50,7 +50,6 @@ from saliencycheck.runner.plan import WorkUnit, plan_units
 from saliencycheck.runner.provenance import (
     checkpoint_hashes,
     config_sha256,
-    model_sha256,
     package_versions,
     seeds,
 )
@@ -429,7 +428,7 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "seeds": seeds(setup),
         "checkpoints_sha256": checkpoint_hashes(setup, (validity or {}).get(
             "label_randomization")),
-        "model_sha256": model_sha256(setup.model),
+        "model_sha256": setup.model_sha256,
         "python": platform.python_version(),
         "device": str(setup.device),
         "device_name": (torch.cuda.get_device_name(setup.device)

@@ -11,6 +11,7 @@ import copy
 import warnings
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,14 @@ class RunSetup:
     post: PostprocessOptions
     model_in_memory: bool = False  # handed to prepare(): no worker can rebuild it from config
     label_models: dict[str, nn.Module] | None = dataclass_field(default=None, repr=False)
+
+    @cached_property
+    def model_sha256(self) -> str:
+        """SHA-256 of the model's weights, hashed once (the manifest and run.json both record
+        it; the run never changes ``model``: stages randomize a working copy)."""
+        from saliencycheck.runner.provenance import model_sha256  # provenance imports setup
+
+        return model_sha256(self.model)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, relative to the config file's folder."""
