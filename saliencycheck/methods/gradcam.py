@@ -3,6 +3,7 @@ spatial map: convolutional (NCHW), channels-last (NHWC) or transformer patch tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -56,10 +57,25 @@ def _cam(inputs: Tensor, grads: Tensor | None, pair: LayerPair | None, *, layer:
     return F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)
 
 
-def _cam_maps(model: nn.Module, source: RowSource, layer: str | None, layout: str) -> RowMaps:
+def _cam_plus_plus(inputs: Tensor, grads: Tensor | None, pair: LayerPair | None, *,
+                   layer: str, layout: str) -> Tensor:
+    """Grad-CAM++: ``ReLU(Σ_k w_k A_k)`` with ``w_k = Σ_ij a_k^ij ReLU(g_k^ij)`` and
+    ``a = g² / (2g² + Σ_ab A_k^ab · g³)`` (0 where g = 0), upsampled: (rows, 1, H, W)."""
+    size = tuple(inputs.shape[2:])
+    activations, g = (to_nchw(t, layout, size, layer=layer) for t in pair)
+    g2, g3 = g.pow(2), g.pow(3)
+    denominator = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * g3
+    a = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
+    weights = (a * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    cam = (weights * activations).sum(dim=1, keepdim=True).clamp(min=0)
+    return F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)
+
+
+def _cam_maps(model: nn.Module, source: RowSource, layer: str | None, layout: str,
+              cam: Callable[..., Tensor] = _cam) -> RowMaps:
     if layer is None:
         layer = default_layer(model, source.build(torch.arange(1))[0])
-    return RowMaps(fn=partial(_cam, layer=layer, layout=layout), count=source.count,
+    return RowMaps(fn=partial(cam, layer=layer, layout=layout), count=source.count,
                    layer=layer, needs_grads=False)
 
 
@@ -80,6 +96,22 @@ def gradcam(
     """
     cams = _cam_maps(model, source, layer, layout)
     return MethodPlan([Request("plain", source, cams, "gradcam")], cams.result)
+
+
+@planned_method(
+    "gradcam_plus_plus",
+    params=GradCamParams,
+    description="Grad-CAM with pixel-wise weights of the positive gradients (Grad-CAM++)",
+)
+def gradcam_plus_plus(
+    model: nn.Module, source: RowSource, context: AttributionContext, *, layer: str | None,
+    layout: str = "auto",
+) -> MethodPlan:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19, in the exponential form without its
+    per-image factor ``exp(S)``, which scales every map by one positive number), from the
+    same plain pass and layer pair as Grad-CAM. Shape (N, 1, H, W), non-negative."""
+    cams = _cam_maps(model, source, layer, layout, _cam_plus_plus)
+    return MethodPlan([Request("plain", source, cams, "gradcam_plus_plus")], cams.result)
 
 
 class GuidedGradCamParams(GradCamParams, GuidedParams):
