@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-oracles.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# Pinned here (pyproject only declares compatible ranges): these wheels are on this disk.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[test,ray,pandas]'
+	$(BIN)/python -m pip install --quiet -r requirements-oracles.txt
 	touch $(STAMP)
 
 demo: setup

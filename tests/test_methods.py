@@ -266,6 +266,32 @@ def _ref_gradcam(model, inputs, targets, params, layer):
     return gradcam_reference(model, inputs, targets, layer)
 
 
+def _ref_gradcam_plus_plus(model, inputs, targets, params, layer):
+    """Grad-CAM++ from its paper (Chattopadhyay et al. 2018, eq. 19): with Y = exp(S) and a
+    network piecewise linear beyond the layer, ∂ⁿY/∂Aⁿ = Y gⁿ; the map is divided by Y (our
+    maps leave out that per-image factor). Activation and gradient read through hooks."""
+    kept = {}
+
+    def keep(module: nn.Module, args: object, output: Tensor) -> Tensor:
+        kept["a"] = output
+        return output.clone()  # DenseNet's later in-place ReLU must not change what is kept
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
+    try:
+        logits = model(inputs.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    score = logits.gather(1, targets[:, None]).squeeze(1)
+    (g,) = torch.autograd.grad(score.sum(), kept["a"])
+    a, y = kept["a"].detach(), score.detach().exp().view(-1, 1, 1, 1)
+    d1, d2, d3 = y * g, y * g ** 2, y * g ** 3
+    denominator = 2 * d2 + a.sum(dim=(2, 3), keepdim=True) * d3
+    alpha = torch.where(denominator != 0, d2 / torch.where(denominator != 0, denominator, 1), 0)
+    weights = (alpha * d1.clamp(min=0)).sum(dim=(2, 3), keepdim=True) / y
+    cam = (weights * a).sum(dim=1, keepdim=True).clamp(min=0)
+    return LayerAttribution.interpolate(cam, inputs.shape[2:], interpolate_mode="bilinear")
+
+
 def _ref_captum_guided_gradcam(model, inputs, targets, params, layer):
     ggc = GuidedGradCam(model, model.get_submodule(layer))
     return _quiet(lambda: ggc.attribute(inputs, target=targets, interpolate_mode="bilinear"))
@@ -325,6 +351,8 @@ CASES = [
     *[Case("guided_backprop", a, _ref_patched_guided) for a in RELU_ARCHS],
     *[Case("deconvnet", a, _ref_patched_deconvnet) for a in RELU_ARCHS],
     *[Case("gradcam", a, _ref_gradcam) for a in ARCHS],
+    *[Case("gradcam_plus_plus", a, _ref_gradcam_plus_plus)
+      for a in ("resnet18", "vgg11", "densenet121")],
     Case("guided_gradcam", "resnet18", _ref_captum_guided_gradcam),
     Case("guided_gradcam", "vgg11", _ref_captum_guided_gradcam),
     Case("guided_gradcam", "densenet121", _ref_patched_guided_gradcam),
@@ -563,7 +591,10 @@ ALL_METHODS: dict[str, dict[str, Any]] = {
     "guided_backprop": {},
     "deconvnet": {},
     "gradcam": {},
+    "gradcam_plus_plus": {},
     "guided_gradcam": {},
+    "lrp": {"composite": "epsilon_gamma_box"},
+    "deep_taylor": {},
     "attention_rollout": {"head_fusion": "max"},
     "gradient_rollout": {},
     "smoothgrad": {"samples": 3},

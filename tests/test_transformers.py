@@ -351,7 +351,7 @@ def ruled_by_modules(model: nn.Module, guided: bool) -> nn.Module:
     import copy
 
     ruled = copy.deepcopy(model)
-    for name, module in list(ruled.named_modules()):
+    for module in list(ruled.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (nn.GELU, nn.SiLU, nn.ReLU)):
                 plain = type(child)() if not isinstance(child, nn.GELU) else nn.GELU(
@@ -412,7 +412,8 @@ def test_gelu_as_relu_runs_through_a_check_and_is_recorded(tmp_path) -> None:
     methods = [sc.method("guided_backprop", nonlinearity_rule="gelu_as_relu"),
                sc.method("guided_gradcam", nonlinearity_rule="gelu_as_relu")]
     arguments = {"methods": methods, "metrics": ["spearman_abs"], "device": "cpu",
-                 "tests": {"cascading": {"granularity": "block", "blocks": ["encoder.ln+heads.head"]}},
+                 "tests": {"cascading": {"granularity": "block",
+                                         "blocks": ["encoder.ln+heads.head"]}},
                  "baselines": {"random_floor": False}, "output_settings": {"figures": False}}
     with pytest.warns(UserWarning, match="gelu_as_relu"):
         result = sc.check(model, images, output=tmp_path / "run", **arguments)

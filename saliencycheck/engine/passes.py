@@ -9,10 +9,10 @@ computed once — gradient, gradient×input and Grad-CAM all read the same forwa
 the images — and rows of the same backward rule (``family``) share passes of ``chunk_size``
 rows, built chunk by chunk so memory does not grow with steps or samples.
 
-Families: ``plain`` autograd, ``guided`` and ``deconvnet`` (the ReLU rules of
-:mod:`saliencycheck.relu_rules`), and ``guided+gelu_as_relu`` / ``deconvnet+gelu_as_relu``
-(those rules with a ``nonlinearity_rule``; see :func:`ruled_family`). Grad-CAM reads
-(activation, gradient) pairs captured at a layer during the plain pass of the images.
+Families: ``plain`` autograd; :class:`ReluFamily`, the guided and deconvnet rules of
+:mod:`saliencycheck.relu_rules` (with a ``nonlinearity_rule``); :class:`LrpFamily`, the rules of
+:mod:`saliencycheck.lrp_rules`. Grad-CAM reads (activation, gradient) pairs captured at a
+layer during the plain pass of the images.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from saliencycheck.engine.prefix import (
 )
 from saliencycheck.engine.stem import find_affine_stem, pull_back
 from saliencycheck.errors import MethodError
+from saliencycheck.lrp_rules import LrpMode, LrpRules, check_lrp_report
 from saliencycheck.methods.base import (
     AttributionContext,
     check_call,
@@ -54,21 +55,47 @@ from saliencycheck.methods.registry import (
 from saliencycheck.models import get_submodule
 from saliencycheck.relu_rules import NonlinearityRule, ReluRuleMode, Rule
 
-Family = str  # "plain", a ReLU rule, or "<rule>+<nonlinearity rule>" (see ruled_family)
+
+@dataclass(frozen=True)
+class ReluFamily:
+    """Rows differentiated under a ReLU rule (:mod:`saliencycheck.relu_rules`)."""
+
+    rule: Rule
+    nonlinearity_rule: NonlinearityRule = "relu_only"
+    prefix_cache = True  # the rule is the same in a stubbed prefix's kept graph
+
+    def mode(self) -> ReluRuleMode:
+        return ReluRuleMode(self.rule, self.nonlinearity_rule)
+
+    def finish(self, mode: ReluRuleMode, names: list[str]) -> None:
+        _check_relu_report(mode, names)
+
+
+@dataclass(frozen=True)
+class LrpFamily:
+    """Rows differentiated under LRP rules (:mod:`saliencycheck.lrp_rules`)."""
+
+    rules: LrpRules
+    # Off: a batch norm merged into the layer before it (one rule for the pair) would see a
+    # stub instead of that layer's output when the prefix ends between them.
+    prefix_cache = False
+
+    def mode(self) -> LrpMode:
+        return LrpMode(self.rules)
+
+    def finish(self, mode: LrpMode, names: list[str]) -> None:
+        check_lrp_report(mode.report(), names, relevance_at_input=self.rules.relevance_at_input,
+                         category=ReluRuleWarning)
+
+
+# "plain" autograd, or a modified backward (its mode, its checks after the passes)
+Family = Literal["plain"] | ReluFamily | LrpFamily
 LayerPair = tuple[Tensor, Tensor]  # (activation, ∂ score / ∂ activation) of one layer
 
 
-def ruled_family(rule: Rule, nonlinearity_rule: NonlinearityRule = "relu_only") -> Family:
+def ruled_family(rule: Rule, nonlinearity_rule: NonlinearityRule = "relu_only") -> ReluFamily:
     """The family of rows differentiated under ``rule`` with ``nonlinearity_rule``."""
-    return rule if nonlinearity_rule == "relu_only" else f"{rule}+{nonlinearity_rule}"
-
-
-def _relu_mode(family: Family) -> ReluRuleMode | None:
-    """The ReLU rule mode a family's passes run under; None for plain autograd."""
-    if family == "plain":
-        return None
-    rule, _, nonlinearity_rule = family.partition("+")
-    return ReluRuleMode(rule, nonlinearity_rule or "relu_only")
+    return ReluFamily(rule, nonlinearity_rule)
 
 
 class ReluRuleWarning(UserWarning):
@@ -304,11 +331,12 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                      for c in s.consumers if c.layer})
     model = stages[0].enter()
     modules = {path: get_submodule(model, path, field="layer") for path in layers}
+    cached = trace is not None and (family == "plain" or family.prefix_cache)
     prefixes = [()] + [prefix_modules(trace, stage.randomized, visible=layers)
-                       if trace is not None else () for stage in stages[1:]]
+                       if cached else () for stage in stages[1:]]
     cache = PrefixCache(model, chain.from_iterable(prefixes),
                         modifiers=trace.modifiers) if any(prefixes) else None
-    mode = _relu_mode(family)
+    mode = family.mode() if family != "plain" else None
     relu_rules = (lambda: mode) if mode is not None else nullcontext
     stem_paths = _stem_worth_pulling_back(model, base, per_stage) if affine_stem else ()
     stem = [model.get_submodule(path) for path in stem_paths]
@@ -457,7 +485,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
         for pieces in _chunks(list(base.values()), size):
             run_with_retry(pieces, 0)
     if mode is not None:
-        _check_relu_report(mode, sorted({n for s in base.values() for n in s.names}))
+        family.finish(mode, sorted({n for s in base.values() for n in s.names}))
 
 
 def _chunks(segments: list[_Segment], size: ChunkSize):

@@ -1,0 +1,399 @@
+"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2017, 2019) at every call.
+
+Module hooks (Captum's ``LRP``, zennit) see modules, so a functional call, a reused module or a
+residual addition needs a rule written for that architecture (a canonizer) or is missed.
+:class:`LrpMode` is a ``TorchFunctionMode`` instead, like :mod:`saliencycheck.relu_rules`:
+while it is active, every convolution and linear layer *call* on the input's path gets its
+rule's backward, whatever module (or none) made the call; the model is never touched.
+
+What flows backward is not the relevance ``R`` but ``g = R / activation``: at every tensor
+``t`` of the forward, ``R_t = t ⊙ g_t``. In that form the plain gradient *is* LRP-0 at every
+linear operation without a rule of its own, so these come out right without being named:
+
+* residual additions and concatenations: each operand gets its share in proportion to its
+  contribution (``R_a = a / (a + b) · R``, zennit's ``Norm`` on its ``Sum`` modules);
+* average and adaptive pooling, padding, reshapes, dropout in eval mode: proportional;
+* max pooling: all to the winner;
+* ReLU: relevance passed through (``R_in = R_out``).
+
+What does need a rule is intercepted:
+
+* ``conv1d/2d/3d`` and ``linear``: the layer's rule (:class:`LrpRule`), chosen by kind
+  (convolution or dense) and for the *first* layer, the one that reads the input itself;
+* eval-mode ``batch_norm`` right after such a layer is merged into it for the rule (its
+  weights scaled, its shift in the bias: zennit's ``MergeBatchNorm``, computed per call without
+  changing the model); elsewhere (DenseNet's BN-ReLU-conv) it passes relevance through;
+* element-wise activations other than ReLU (ReLU6, GELU, SiLU, Hardswish, ELU, ...): relevance
+  passed through, ``g_in = g · y / x`` (zennit's ``Pass``), counted so the caller can say so;
+* operations without a rule here (LayerNorm, softmax, attention, a product or quotient of two
+  input-dependent tensors such as squeeze-and-excitation's gating, sigmoid or tanh on the
+  input's path) raise :class:`~saliencycheck.errors.MethodError` naming the operation: never a
+  silently wrong map.
+
+Rules, with ``s = R_out / stab(z)``, ``stab(t) = t + ε·sign(t)`` (``sign(0) = +1``), ``x⁺ / x⁻``
+and ``W⁺ / W⁻`` the positive and negative parts, and the stabiliser ε = 1e-6 unless stated:
+
+* ``epsilon``: ``z = Wx + b``; ``R_in = x ⊙ Wᵀ s``.
+* ``zplus``: ``z = W⁺x⁺ + b⁺ + W⁻x⁻``; ``R_in = x⁺ ⊙ W⁺ᵀs + x⁻ ⊙ W⁻ᵀs``.
+* ``alpha_beta``: ``α`` times the z⁺ share minus ``β`` times the same for the negative
+  contributions (``W⁻x⁺ + b⁻ + W⁺x⁻``).
+* ``gamma``: the generalised γ rule (Andéol et al. 2021, as zennit's ``Gamma``): where
+  ``z > 0`` the positive contributions are boosted, ``(W + γW⁺)x⁺ + (W + γW⁻)x⁻``, where
+  ``z < 0`` the negative ones.
+* ``box`` (zᴮ, Montavon et al. 2017), on the first layer only: with the lowest and highest
+  normalised pixel values ``l, h``, ``z = Wx − W⁺l − W⁻h`` and
+  ``R_in = x ⊙ Wᵀs − l ⊙ W⁺ᵀs − h ⊙ W⁻ᵀs``. Not of the form ``x ⊙ g``, so the first layer
+  hands back the relevance itself (``relevance_at_input``) and the map is the input's gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from saliencycheck.errors import MethodError
+
+RuleName = Literal["epsilon", "zplus", "alpha_beta", "gamma", "box"]
+STABILIZER = 1e-6
+
+
+@dataclass(frozen=True)
+class LrpRule:
+    """One rule and its parameters (see the module docstring)."""
+
+    name: RuleName
+    epsilon: float = STABILIZER  # the ε of `epsilon`; the stabiliser of the others
+    gamma: float = 0.25
+    alpha: float = 1.0
+    beta: float = 0.0
+    low: tuple[float, ...] = ()  # `box`: per channel, in normalised units
+    high: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        extra = {"epsilon": f"ε={self.epsilon:g}", "gamma": f"γ={self.gamma:g}",
+                 "alpha_beta": f"α={self.alpha:g}, β={self.beta:g}"}.get(self.name, "")
+        return f"{self.name}({extra})" if extra else self.name
+
+
+@dataclass(frozen=True)
+class LrpRules:
+    """Which rule each layer gets: ``conv`` for convolutions, ``dense`` for linear layers,
+    ``first`` (if set) for the first layer, the one that reads the input itself."""
+
+    conv: LrpRule
+    dense: LrpRule
+    first: LrpRule | None = None
+
+    @property
+    def relevance_at_input(self) -> bool:
+        """Whether the first layer hands back relevance (the box rule) rather than ``g``."""
+        return self.first is not None and self.first.name == "box"
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in at least fp32 (autocast's bf16/fp16 activations are widened for the rules)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _stab(t: Tensor, epsilon: float) -> Tensor:
+    """``t + ε·sign(t)`` with ``sign(0) = +1`` (zennit's stabiliser)."""
+    return t + epsilon * ((t >= 0).to(t.dtype) * 2 - 1)
+
+
+Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x, weight, bias) -> z
+
+
+def _vjp(op: Linear, x: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+    """``Wᵀ s`` for the layer ``op`` at input shape ``x``: its input gradient."""
+    with torch.enable_grad():
+        probe = torch.zeros_like(x, requires_grad=True)
+        (grad,) = torch.autograd.grad(op(probe, weight, None), probe, s)
+    return grad
+
+
+def _rule_backward(rule: LrpRule, op: Linear, x: Tensor, weight: Tensor, bias: Tensor | None,
+                   z: Tensor, g_out: Tensor, *, relevance: bool) -> Tensor:
+    """``g_in`` of one rule layer from ``g_out``, or ``R_in = x ⊙ g_in`` when ``relevance``
+    (the box rule, whose ``R_in`` is not of that form, only so); in at least fp32.
+
+    Each rule is a sum of terms ``mask ⊙ Wₖᵀ sₖ`` whose masks select the inputs' signs: the
+    relevance form multiplies by ``x`` (``x⁺ = x ⊙ [x > 0]``)."""
+    x, weight, z, g_out = _wide(x), _wide(weight), _wide(z), _wide(g_out)
+    bias = _wide(bias) if bias is not None else None
+    r_out = z * g_out
+    eps = rule.epsilon
+    pos, neg = weight.clamp(min=0), weight.clamp(max=0)
+    bias_pos = bias.clamp(min=0) if bias is not None else None
+    bias_neg = bias.clamp(max=0) if bias is not None else None
+    x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+    on_pos, on_neg = (x > 0).to(x.dtype), (x < 0).to(x.dtype)
+    if rule.name == "box":
+        if not relevance:
+            raise MethodError("lrp: the box rule applies only to the layer that reads the "
+                              "input itself")
+        shape = (1, -1, *([1] * (x.ndim - 2)))
+        low = torch.as_tensor(rule.low, dtype=x.dtype, device=x.device).reshape(shape)
+        high = torch.as_tensor(rule.high, dtype=x.dtype, device=x.device).reshape(shape)
+        low, high = low.expand_as(x), high.expand_as(x)
+        s = r_out / _stab(op(x, weight, bias) - op(low, pos, bias_pos) - op(high, neg, bias_neg),
+                          eps)
+        return x * _vjp(op, x, weight, s) - low * _vjp(op, x, pos, s) \
+            - high * _vjp(op, x, neg, s)
+    if rule.name == "epsilon":
+        g_in = _vjp(op, x, weight, r_out / _stab(op(x, weight, bias), eps))
+    elif rule.name in ("zplus", "alpha_beta"):
+        s_pos = r_out / _stab(op(x_pos, pos, bias_pos) + op(x_neg, neg, None), eps)
+        g_in = on_pos * _vjp(op, x, pos, s_pos) + on_neg * _vjp(op, x, neg, s_pos)
+        if rule.name == "alpha_beta":
+            s_neg = r_out / _stab(op(x_pos, neg, bias_neg) + op(x_neg, pos, None), eps)
+            g_in = rule.alpha * g_in - rule.beta * (on_pos * _vjp(op, x, neg, s_neg)
+                                                    + on_neg * _vjp(op, x, pos, s_neg))
+    elif rule.name == "gamma":
+        up_pos, up_neg = weight + rule.gamma * pos, weight + rule.gamma * neg
+        b_up = bias + rule.gamma * bias_pos if bias is not None else None
+        b_down = bias + rule.gamma * bias_neg if bias is not None else None
+        s_up = (z > 0) * r_out / _stab(op(x_pos, up_pos, b_up) + op(x_neg, up_neg, None), eps)
+        s_down = (z < 0) * r_out / _stab(op(x_pos, up_neg, b_down) + op(x_neg, up_pos, None),
+                                         eps)
+        g_in = on_pos * (_vjp(op, x, up_pos, s_up) + _vjp(op, x, up_neg, s_down)) \
+            + on_neg * (_vjp(op, x, up_neg, s_up) + _vjp(op, x, up_pos, s_down))
+    else:  # pragma: no cover - LrpRule.name is validated by the method's parameters
+        raise ValueError(f"unknown LRP rule {rule.name!r}")
+    return x * g_in if relevance else g_in
+
+
+class _RuleLayer(torch.autograd.Function):
+    """A convolution or linear layer whose backward is an LRP rule. ``value`` is the forward
+    output already computed (the model's own, bit for bit); ``weight``/``bias`` are those the
+    rule uses (merged with a following batch norm where there is one)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None,
+                op: Linear, rule: LrpRule, relevance: bool) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, value)
+        ctx.op, ctx.rule, ctx.relevance = op, rule, relevance
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, value = ctx.saved_tensors
+        g_in = _rule_backward(ctx.rule, ctx.op, x.detach(), weight.detach(),
+                              None if bias is None else bias.detach(), value, g_out,
+                              relevance=ctx.relevance)
+        return g_in.to(x.dtype), None, None, None, None, None, None
+
+
+class _PassRelevance(torch.autograd.Function):
+    """An element-wise map ``y = f(x)`` that passes relevance through: ``g_in = g · y / x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(x, value)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor, None]:
+        x, value = ctx.saved_tensors
+        ratio = _wide(value) / _stab(_wide(x), STABILIZER)
+        return (_wide(g_out) * ratio).to(x.dtype), None
+
+
+_CONV = {F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+_PASSED = {F.relu6: "relu6", F.hardtanh: "hardtanh", F.gelu: "gelu", F.silu: "silu",
+           F.hardswish: "hardswish", F.mish: "mish", F.elu: "elu", F.selu: "selu",
+           F.celu: "celu", F.leaky_relu: "leaky_relu"}
+_INPLACE = {"inplace"}  # computed out of place, the result returned (as the ReLU rules do)
+_NO_RULE = {
+    F.layer_norm: "layer_norm (LayerNorm)", F.group_norm: "group_norm (GroupNorm)",
+    F.instance_norm: "instance_norm", F.local_response_norm: "local_response_norm",
+    F.softmax: "softmax", F.log_softmax: "log_softmax",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention (attention)",
+    F.multi_head_attention_forward: "multi_head_attention_forward (nn.MultiheadAttention)",
+    F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", Tensor.sigmoid: "sigmoid",
+    F.hardsigmoid: "hardsigmoid", F.tanh: "tanh", torch.tanh: "tanh", Tensor.tanh: "tanh",
+    F.softplus: "softplus", F.glu: "glu", F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d",
+    F.bilinear: "bilinear",
+}
+_PRODUCTS = {  # no rule when both operands depend on the input
+    torch.mul: "mul", Tensor.mul: "mul", Tensor.__mul__: "mul", Tensor.__rmul__: "mul",
+    Tensor.mul_: "mul", Tensor.__imul__: "mul", torch.div: "div", Tensor.div: "div",
+    Tensor.__truediv__: "div", Tensor.__rtruediv__: "div", Tensor.div_: "div",
+    torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm", torch.einsum: "einsum",
+}
+
+
+def _on_path(t: object) -> bool:
+    """Whether ``t`` depends on the input: it requires grad and is no parameter (the runs
+    freeze their copy's parameters; under ``no_grad`` nothing is on the path)."""
+    return (isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
+            and torch.is_grad_enabled())
+
+
+def _is_input(t: object) -> bool:
+    """Whether ``t`` is the input itself: a leaf on the path (no parameter)."""
+    return _on_path(t) and t.grad_fn is None
+
+
+@dataclass
+class LrpReport:
+    """What an :class:`LrpMode` met: rule layers, merged batch norms, activations passed."""
+
+    rule_layers: int = 0
+    merged_batch_norms: int = 0
+    passed: Counter = field(default_factory=Counter)  # non-ReLU activations (and lone BNs)
+    first_layer_direct: bool = False  # a rule layer read the input itself
+    input_uses: int = 0  # calls that read the input itself (per forward, the most seen)
+
+
+@dataclass
+class _Layer:
+    """A rule layer's call, kept so a batch norm right after it can be merged into it."""
+
+    out: Tensor
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    op: Linear
+    kind: str
+    direct: bool
+
+
+class LrpMode(TorchFunctionMode):
+    """While active, LRP ``rules`` apply at every rule-layer call on the input's path; see the
+    module docstring. Counts accumulate over every entry (:meth:`report`)."""
+
+    def __init__(self, rules: LrpRules) -> None:
+        super().__init__()
+        self.rules = rules
+        self._report = LrpReport()
+        self._layers: dict[int, _Layer] = {}  # id(output) -> the call, within one forward
+
+    def __enter__(self) -> LrpMode:
+        self._layers.clear()
+        self._uses = 0
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._layers.clear()  # no tensor outlives the forward here
+        super().__exit__(*exc)
+
+    def report(self) -> LrpReport:
+        return self._report
+
+    def _rule(self, kind: str, direct: bool) -> LrpRule:
+        if direct and self.rules.first is not None:
+            return self.rules.first
+        return self.rules.conv if kind == "conv" else self.rules.dense
+
+    def _layer(self, func: Callable, kind: str, args: tuple, kwargs: dict) -> Tensor:
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        rest, options = args[3:], {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+
+        def op(inputs: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return func(inputs, w, b, *rest, **options)
+
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        direct = _is_input(x)
+        self._report.rule_layers += 1
+        self._report.first_layer_direct |= direct
+        out = _RuleLayer.apply(x, value.detach(), weight, bias, op, self._rule(kind, direct),
+                               direct and self.rules.relevance_at_input)
+        self._layers[id(out)] = _Layer(out, x, weight, bias, op, kind, direct)
+        return out
+
+    def _batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                 "momentum", "eps")
+        call = {"weight": None, "bias": None, "training": False, "eps": 1e-5,
+                **dict(zip(names, args)), **kwargs}
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        if call["training"] or call["running_mean"] is None:
+            raise MethodError("lrp: batch norm in training mode (batch statistics) on the "
+                              "input's path has no rule; put the model in eval mode")
+        x = call["input"]
+        layer = self._layers.get(id(x))
+        if layer is None or layer.out is not x:  # no rule layer right before: pass through
+            self._report.passed["batch_norm"] += 1
+            return _PassRelevance.apply(x, value.detach())
+        std = torch.sqrt(call["running_var"] + call["eps"])
+        scale = (call["weight"] if call["weight"] is not None else 1.0) / std
+        shift = call["bias"] if call["bias"] is not None else 0.0
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
+        axis = (slice(None), *([None] * (layer.weight.ndim - 1)))
+        weight = layer.weight * scale[axis]
+        bias = (bias - call["running_mean"]) * scale + shift
+        self._report.merged_batch_norms += 1
+        return _RuleLayer.apply(layer.x, value.detach(), weight.detach(), bias.detach(),
+                                layer.op, self._rule(layer.kind, layer.direct),
+                                layer.direct and self.rules.relevance_at_input)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__" and any(_is_input(a) for a in args):
+            self._uses += 1  # (reading an attribute such as .shape is no use)
+            self._report.input_uses = max(self._report.input_uses, self._uses)
+        if func in _CONV or func is F.linear:
+            if _on_path(args[0]):
+                return self._layer(func, _CONV.get(func, "dense"), args, kwargs)
+        elif func is F.batch_norm:
+            if _on_path(args[0]):
+                return self._batch_norm(func, args, kwargs)
+        elif func in _RELU:
+            pass  # its gradient passes relevance through exactly
+        elif func in _PASSED:
+            if _on_path(args[0]):
+                options = {k: v for k, v in kwargs.items() if k not in _INPLACE}
+                rest = args[1:] if func is not F.silu else ()
+                with torch.no_grad():
+                    value = func(args[0], *rest, **options)
+                relu6 = func is F.hardtanh and args[1:3] in ((0, 6), (0.0, 6.0))
+                self._report.passed["relu6" if relu6 else _PASSED[func]] += 1
+                return _PassRelevance.apply(args[0], value.detach())
+        elif func in _NO_RULE:
+            if _on_path(args[0]):
+                raise MethodError(f"the model calls {_NO_RULE[func]} on the input's path, "
+                                  "which has no LRP rule here; use gradient or "
+                                  "integrated_gradients on this model")
+        elif func in _PRODUCTS:
+            operands = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            if sum(_on_path(a) for a in operands) > 1:
+                raise MethodError(f"the model multiplies two input-dependent tensors "
+                                  f"({_PRODUCTS[func]}: attention or gating, e.g. "
+                                  "squeeze-and-excitation) on the input's path, which has no "
+                                  "LRP rule here; use gradient or integrated_gradients")
+        return func(*args, **kwargs)
+
+
+def check_lrp_report(report: LrpReport, names: list[str], *, relevance_at_input: bool,
+                     category: type[Warning]) -> None:
+    """Refuse a model without a rule layer on the input's path, or, for the box rule, whose
+    input is not read by one layer alone; warn once for the activations and batch norms whose
+    relevance was passed through."""
+    who = ", ".join(names)
+    if report.rule_layers == 0:
+        raise MethodError(f"{who}: the model applies no convolution or linear layer on the "
+                          "input's path, so LRP has nothing to apply its rules to")
+    if relevance_at_input and not (report.first_layer_direct and report.input_uses == 1):
+        raise MethodError(f"{who}: the box rule needs a first layer that alone reads the "
+                          f"input, but the model calls {report.input_uses} operation(s) on it "
+                          "(e.g. Inception's transform_input); use composite epsilon_plus or "
+                          "epsilon_alpha2_beta1")
+    passed = {k: v for k, v in report.passed.items()}
+    if passed:
+        text = ", ".join(f"{k}×{n}" for k, n in sorted(passed.items()))
+        warnings.warn(f"{who}: relevance passed through unchanged at {text} (as zennit's Pass "
+                      "rule; counted over all chunks)", category, stacklevel=4)
