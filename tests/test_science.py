@@ -114,3 +114,22 @@ def test_on_the_vit_the_gradient_and_gradcam_follow_the_head_and_rollout_does_no
     rollout = s[("cascading", "gradient_rollout", head, "spearman")].mean
     assert s[("cascading", "gradcam", head, "spearman")].mean < rollout < 0.9
     assert s[("random_logit", "gradient_rollout", "random_class", "spearman")].mean < 0.9
+
+
+# --- relevance rules that ignore the layers above them (examples/lrp_digits.py) -------------
+
+
+def test_positive_relevance_rules_ignore_the_logits_layer_and_the_gradient_does_not() -> None:
+    """Sixt et al. 2020 on the trained digits ResNet-18: after randomizing only the logits
+    layer, z⁺, α1β0, ε-plus, Deep Taylor and guided backprop keep abs-Spearman ≥ 0.9 with the
+    trained maps; the gradient and LRP-ε fall (the full run: README, examples/lrp_digits.py)."""
+    import runpy
+
+    example = runpy.run_path(str(ROOT / "examples" / "lrp_digits.py"))
+    result = example["check_rules"](cache=str(ROOT / ".cache"), images=8, blocks=["fc"])
+    s = {(r.method, r.stage): r.mean for r in result.run.summary
+         if r.test == "cascading" and r.metric == "spearman_abs"}
+    for method in ("lrp_zplus", "lrp_alpha_beta", "lrp_epsilon_plus", "deep_taylor",
+                   "guided_backprop"):
+        assert s[(method, "fc")] >= 0.9, method
+    assert s[("gradient", "fc")] < 0.75 and s[("lrp_epsilon", "fc")] < 0.8
