@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from saliencycheck.calls import out_of_place
 from saliencycheck.errors import MethodError
 
 RuleName = Literal["epsilon", "zplus", "alpha_beta", "gamma", "box"]
@@ -211,7 +212,6 @@ _RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 _PASSED = {F.relu6: "relu6", F.hardtanh: "hardtanh", F.gelu: "gelu", F.silu: "silu",
            F.hardswish: "hardswish", F.mish: "mish", F.elu: "elu", F.selu: "selu",
            F.celu: "celu", F.leaky_relu: "leaky_relu"}
-_INPLACE = {"inplace"}  # computed out of place, the result returned (as the ReLU rules do)
 _NO_RULE = {
     F.layer_norm: "layer_norm (LayerNorm)", F.group_norm: "group_norm (GroupNorm)",
     F.instance_norm: "instance_norm", F.local_response_norm: "local_response_norm",
@@ -356,11 +356,11 @@ class LrpMode(TorchFunctionMode):
             pass  # its gradient passes relevance through exactly
         elif func in _PASSED:
             if _on_path(args[0]):
-                options = {k: v for k, v in kwargs.items() if k not in _INPLACE}
-                rest = args[1:] if func is not F.silu else ()
+                plain, call, options = out_of_place(func, args, kwargs)
                 with torch.no_grad():
-                    value = func(args[0], *rest, **options)
-                relu6 = func is F.hardtanh and args[1:3] in ((0, 6), (0.0, 6.0))
+                    value = plain(*call, **options)
+                bounds = (*call[1:3], options.get("min_val"), options.get("max_val"))
+                relu6 = func is F.hardtanh and [b for b in bounds if b is not None] == [0, 6]
                 self._report.passed["relu6" if relu6 else _PASSED[func]] += 1
                 return _PassRelevance.apply(args[0], value.detach())
         elif func in _NO_RULE:

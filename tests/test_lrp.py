@@ -359,3 +359,23 @@ def get_cascading_refs(setup):  # noqa: ANN001, ANN201
     from saliencycheck.checks import get_check
 
     return get_check("cascading").refs(setup)
+
+
+def test_in_place_activations_pass_relevance_through_unchanged() -> None:
+    """nn.ReLU6(inplace=True) calls F.hardtanh(x, 0., 6., True) and nn.ELU(inplace=True)
+    F.elu(x, 1., True), positionally: the pass rule must keep x, not the overwritten value.
+    Without biases the relevance then sums to the logit."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.ReLU6(inplace=True),
+                          nn.Conv2d(6, 6, 3, bias=False), nn.ELU(inplace=True), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 3, bias=False)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(8)  # some activations above 6
+    x = images(8, 3)
+    targets = torch.tensor([0, 1, 2])
+    with pytest.warns(UserWarning, match=r"passed through unchanged at elu×1, relu6×1"):
+        maps = resolve_method({"name": "lrp", "rule": "epsilon", "epsilon": 1e-12})(
+            model, x, targets, CONTEXT)
+    logits = model(x).gather(1, targets[:, None])[:, 0].detach()
+    assert (model[0](x) > 6).any()
+    torch.testing.assert_close(maps.sum(dim=(1, 2, 3)), logits, rtol=1e-5, atol=1e-9)

@@ -595,6 +595,7 @@ ALL_METHODS: dict[str, dict[str, Any]] = {
     "guided_gradcam": {},
     "lrp": {"composite": "epsilon_gamma_box"},
     "deep_taylor": {},
+    "deeplift": {"baseline": "mean"},
     "attention_rollout": {"head_fusion": "max"},
     "gradient_rollout": {},
     "smoothgrad": {"samples": 3},

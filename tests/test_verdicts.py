@@ -524,7 +524,8 @@ def test_completeness_is_exact_on_a_linear_model_and_fails_for_gradient_x_input_
     def completeness(factory: str, out: str) -> dict[str, dict[str, str]]:
         result = _run(project, "-o", str(project / out), "--set",
                       f"model={{factory: '{factory}', num_classes: 4}}", "--set",
-                      "methods=[{name: integrated_gradients, steps: 8}, gradient_x_input]",
+                      "methods=[{name: integrated_gradients, steps: 8}, gradient_x_input, "
+                      "deeplift]",
                       "--set", "tests={cascading: {enabled: false}, "
                       "completeness: {enabled: true, tolerance: 0.05}}",
                       "--set", "fail_on=none")
@@ -533,9 +534,11 @@ def test_completeness_is_exact_on_a_linear_model_and_fails_for_gradient_x_input_
             return {r["method"]: r for r in csv.DictReader(fh) if r["test"] == "completeness"}
 
     linear = completeness("tests.test_verdicts:linear_model", "linear")
-    for method in ("integrated_gradients", "gradient_x_input"):
+    for method in ("integrated_gradients", "gradient_x_input", "deeplift"):
         assert linear[method]["verdict"] == PASS
         assert float(linear[method]["statistic"]) < 1e-4  # float32 sums of 3,072 terms
     cnn = completeness("tests.test_cli:tiny_cnn", "cnn")
     assert cnn["gradient_x_input"]["verdict"] == FAIL  # biases break gradient x input
     assert float(cnn["gradient_x_input"]["statistic"]) > 0.05
+    # DeepLIFT's summation-to-delta holds whatever the biases and ReLUs
+    assert cnn["deeplift"]["verdict"] == PASS and float(cnn["deeplift"]["statistic"]) < 1e-4
