@@ -1,5 +1,6 @@
-"""Out-of-place forms of activation calls, for the modes that replace them
-(:mod:`saliencycheck.lrp_rules`, :mod:`saliencycheck.deeplift_rules`).
+"""What the modes that replace operation calls share (:mod:`saliencycheck.lrp_rules`,
+:mod:`saliencycheck.deeplift_rules`): which tensors depend on the input, which calls multiply
+two of them, and the out-of-place form of activation calls.
 
 A replaced call must not overwrite its input: the rule's backward keeps that input. The
 functional wrappers hand their options to a mode by name (``F.hardtanh`` as ``min_val=``,
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # where each activation takes ``inplace`` positionally (its input first)
 INPLACE_POSITION: dict[Callable, int] = {
@@ -31,3 +32,29 @@ def out_of_place(func: Callable, args: tuple, kwargs: dict) -> tuple[Callable, t
     if position is not None and len(args) > position:
         args = args[:position]
     return func, args, {k: v for k, v in kwargs.items() if k != "inplace"}
+
+
+# products with no relevance or Rescale rule when both operands depend on the input
+PRODUCTS: dict[Callable, str] = {
+    torch.mul: "mul", Tensor.mul: "mul", Tensor.__mul__: "mul", Tensor.__rmul__: "mul",
+    Tensor.mul_: "mul", Tensor.__imul__: "mul", torch.div: "div", Tensor.div: "div",
+    Tensor.__truediv__: "div", Tensor.__rtruediv__: "div", Tensor.div_: "div",
+    torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm", torch.einsum: "einsum",
+}
+
+
+def on_path(t: object) -> bool:
+    """Whether ``t`` depends on the input: it requires grad and is no parameter (the runs
+    freeze their copy's parameters; under ``no_grad`` nothing is on the path)."""
+    return (isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
+            and torch.is_grad_enabled())
+
+
+def input_product(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """The name of a product call whose operands include two input-dependent tensors (attention,
+    gating), or None."""
+    if func not in PRODUCTS:
+        return None
+    operands = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    return PRODUCTS[func] if sum(on_path(a) for a in operands) > 1 else None

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from saliencycheck.calls import out_of_place
+from saliencycheck.calls import input_product, on_path, out_of_place
 from saliencycheck.errors import MethodError
 
 EPS = 1e-10
@@ -45,20 +45,11 @@ _NO_RULE = {
     F.scaled_dot_product_attention: "scaled_dot_product_attention (attention)",
     F.multi_head_attention_forward: "multi_head_attention_forward (nn.MultiheadAttention)",
 }
-_PRODUCTS = {torch.mul: "mul", Tensor.mul: "mul", Tensor.__mul__: "mul", Tensor.__rmul__: "mul",
-             Tensor.mul_: "mul", Tensor.__imul__: "mul", torch.div: "div", Tensor.div: "div",
-             Tensor.__truediv__: "div", torch.matmul: "matmul", Tensor.__matmul__: "matmul",
-             torch.bmm: "bmm", torch.einsum: "einsum"}
-
-
 def _vjp(func: Callable, x: Tensor, rest: tuple, kwargs: dict, grad: Tensor) -> Tensor:
     """The plain input gradient of ``func(x, *rest, **kwargs)`` against ``grad``."""
     with torch.enable_grad():
         probe = x.detach().requires_grad_(True)
-        (out,) = (func(probe, *rest, **kwargs),)
-        if isinstance(out, tuple):
-            out = out[0]
-        (result,) = torch.autograd.grad(out, probe, grad)
+        (result,) = torch.autograd.grad(func(probe, *rest, **kwargs), probe, grad)
     return result
 
 
@@ -140,10 +131,6 @@ class ReferencePass(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _on_path(t: object) -> bool:
-    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
-
-
 class RescalePass(TorchFunctionMode):
     """While active (the forward of the input), the k-th nonlinearity call gets the multiplier
     against the k-th call of ``reference`` as its backward."""
@@ -174,7 +161,7 @@ class RescalePass(TorchFunctionMode):
             x = args[0]
             with torch.no_grad():
                 y = plain(x, *args[1:], **options)
-            if not _on_path(x):
+            if not on_path(x):
                 return y
             return _Rescale.apply(x, y, x_ref, y_ref, plain, args[1:], options)
         if func in _POOLS:
@@ -185,19 +172,16 @@ class RescalePass(TorchFunctionMode):
                                   "(unpooling) has no rule here")
             with torch.no_grad():
                 y = func(x, *rest, **options)
-            if not _on_path(x):
+            if not on_path(x):
                 return y
             return _RescalePool.apply(x, y, x_ref, y_ref, func, rest, options)
-        if func in _NO_RULE and _on_path(args[0]):
+        if func in _NO_RULE and on_path(args[0]):
             raise MethodError(f"deeplift: the model calls {_NO_RULE[func]} on the input's path, "
                               "which has no Rescale rule here; use integrated_gradients")
-        if func in _PRODUCTS:
-            operands = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-            if sum(_on_path(a) for a in operands) > 1:
-                raise MethodError(f"deeplift: the model multiplies two input-dependent tensors "
-                                  f"({_PRODUCTS[func]}: attention or gating) on the input's "
-                                  "path, which has no Rescale rule here; use "
-                                  "integrated_gradients")
+        if (product := input_product(func, args, kwargs)) is not None:
+            raise MethodError(f"deeplift: the model multiplies two input-dependent tensors "
+                              f"({product}: attention or gating) on the input's path, which "
+                              "has no Rescale rule here; use integrated_gradients")
         return func(*args, **kwargs)
 
     def finish(self) -> None:

@@ -56,10 +56,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from saliencycheck.calls import out_of_place
+from saliencycheck.calls import input_product, on_path, out_of_place
 from saliencycheck.errors import MethodError
 
 RuleName = Literal["epsilon", "zplus", "alpha_beta", "gamma", "box"]
@@ -224,25 +224,9 @@ _NO_RULE = {
     F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d",
     F.bilinear: "bilinear",
 }
-_PRODUCTS = {  # no rule when both operands depend on the input
-    torch.mul: "mul", Tensor.mul: "mul", Tensor.__mul__: "mul", Tensor.__rmul__: "mul",
-    Tensor.mul_: "mul", Tensor.__imul__: "mul", torch.div: "div", Tensor.div: "div",
-    Tensor.__truediv__: "div", Tensor.__rtruediv__: "div", Tensor.div_: "div",
-    torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
-    torch.bmm: "bmm", torch.einsum: "einsum",
-}
-
-
-def _on_path(t: object) -> bool:
-    """Whether ``t`` depends on the input: it requires grad and is no parameter (the runs
-    freeze their copy's parameters; under ``no_grad`` nothing is on the path)."""
-    return (isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
-            and torch.is_grad_enabled())
-
-
 def _is_input(t: object) -> bool:
     """Whether ``t`` is the input itself: a leaf on the path (no parameter)."""
-    return _on_path(t) and t.grad_fn is None
+    return on_path(t) and t.grad_fn is None
 
 
 @dataclass
@@ -347,15 +331,15 @@ class LrpMode(TorchFunctionMode):
             self._uses += 1  # (reading an attribute such as .shape is no use)
             self._report.input_uses = max(self._report.input_uses, self._uses)
         if func in _CONV or func is F.linear:
-            if _on_path(args[0]):
+            if on_path(args[0]):
                 return self._layer(func, _CONV.get(func, "dense"), args, kwargs)
         elif func is F.batch_norm:
-            if _on_path(args[0]):
+            if on_path(args[0]):
                 return self._batch_norm(func, args, kwargs)
         elif func in _RELU:
             pass  # its gradient passes relevance through exactly
         elif func in _PASSED:
-            if _on_path(args[0]):
+            if on_path(args[0]):
                 plain, call, options = out_of_place(func, args, kwargs)
                 with torch.no_grad():
                     value = plain(*call, **options)
@@ -364,17 +348,15 @@ class LrpMode(TorchFunctionMode):
                 self._report.passed["relu6" if relu6 else _PASSED[func]] += 1
                 return _PassRelevance.apply(args[0], value.detach())
         elif func in _NO_RULE:
-            if _on_path(args[0]):
+            if on_path(args[0]):
                 raise MethodError(f"the model calls {_NO_RULE[func]} on the input's path, "
                                   "which has no LRP rule here; use gradient or "
                                   "integrated_gradients on this model")
-        elif func in _PRODUCTS:
-            operands = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-            if sum(_on_path(a) for a in operands) > 1:
-                raise MethodError(f"the model multiplies two input-dependent tensors "
-                                  f"({_PRODUCTS[func]}: attention or gating, e.g. "
-                                  "squeeze-and-excitation) on the input's path, which has no "
-                                  "LRP rule here; use gradient or integrated_gradients")
+        elif (product := input_product(func, args, kwargs)) is not None:
+            raise MethodError(f"the model multiplies two input-dependent tensors ({product}: "
+                              "attention or gating, e.g. squeeze-and-excitation) on the "
+                              "input's path, which has no LRP rule here; use gradient or "
+                              "integrated_gradients")
         return func(*args, **kwargs)
 
 
