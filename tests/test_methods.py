@@ -596,6 +596,7 @@ ALL_METHODS: dict[str, dict[str, Any]] = {
     "lrp": {"composite": "epsilon_gamma_box"},
     "deep_taylor": {},
     "deeplift": {"baseline": "mean"},
+    "occlusion": {"window": 8, "stride": 6},  # 64 px: 11×11 positions, the last edge-aligned
     "attention_rollout": {"head_fusion": "max"},
     "gradient_rollout": {},
     "smoothgrad": {"samples": 3},

@@ -84,6 +84,7 @@ METHODS = [
     "guided_backprop",
     "gradcam",
     {"name": "smoothgrad", "samples": 2},
+    {"name": "occlusion", "window": 16, "stride": 8},  # forward passes only
 ]
 
 

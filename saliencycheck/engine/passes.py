@@ -11,8 +11,10 @@ rows, built chunk by chunk so memory does not grow with steps or samples.
 
 Families: ``plain`` autograd; :class:`ReluFamily`, the guided and deconvnet rules of
 :mod:`saliencycheck.relu_rules` (with a ``nonlinearity_rule``); :class:`LrpFamily`, the rules of
-:mod:`saliencycheck.lrp_rules`. Grad-CAM reads (activation, gradient) pairs captured at a
-layer during the plain pass of the images.
+:mod:`saliencycheck.lrp_rules`; ``forward``, rows that need only their target logit (occlusion):
+forward passes without autograd, whose consumers receive each row's logit in place of a
+gradient. Grad-CAM reads (activation, gradient) pairs captured at a layer during the plain pass
+of the images.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ class LrpFamily:
                          category=ReluRuleWarning)
 
 
-# "plain" autograd, or a modified backward (its mode, its checks after the passes)
-Family = Literal["plain"] | ReluFamily | LrpFamily
+# "plain" autograd, "forward" only (no backward), or a modified backward (its mode, its checks
+# after the passes)
+Family = Literal["plain", "forward"] | ReluFamily | LrpFamily
 LayerPair = tuple[Tensor, Tensor]  # (activation, ∂ score / ∂ activation) of one layer
 
 
@@ -331,12 +334,13 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                      for c in s.consumers if c.layer})
     model = stages[0].enter()
     modules = {path: get_submodule(model, path, field="layer") for path in layers}
-    cached = trace is not None and (family == "plain" or family.prefix_cache)
+    ruled = not isinstance(family, str)  # a modified backward: ReluFamily or LrpFamily
+    cached = trace is not None and (not ruled or family.prefix_cache)
     prefixes = [()] + [prefix_modules(trace, stage.randomized, visible=layers)
                        if cached else () for stage in stages[1:]]
     cache = PrefixCache(model, chain.from_iterable(prefixes),
                         modifiers=trace.modifiers) if any(prefixes) else None
-    mode = family.mode() if family != "plain" else None
+    mode = family.mode() if ruled else None
     relu_rules = (lambda: mode) if mode is not None else nullcontext
     stem_paths = _stem_worth_pulling_back(model, base, per_stage) if affine_stem else ()
     stem = [model.get_submodule(path) for path in stem_paths]
@@ -346,7 +350,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
 
     def forward(x: Tensor, targets: Tensor, stage: int, pieces: list[Piece]
                 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """The summed target logits, the layers' activations and the stem's output (None
+        """Each row's target logit, the layers' activations and the stem's output (None
         when the stem did not run: stubbed by the prefix cache); the stage's kept logits
         receive their rows."""
         captured: dict[str, list[Tensor]] = {path: [] for path in layers}
@@ -359,7 +363,8 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
         try:
             with EvalBatchNormMode(), relu_rules(), _autocast(x.device, precision):
                 out = model_logits(model, x)
-                score = select_targets(out, targets).float().sum()
+                scores = select_targets(out, targets)  # at least fp32 under autocast
+                scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         finally:
             for handle in handles:
                 handle.remove()
@@ -370,7 +375,7 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
                 if key == kept.key:
                     kept.add(index, out[start:start + len(index)].detach().float())
                 start += len(index)
-        return (score, [_last_activation(path, captured[path]) for path in layers],
+        return (scores, [_last_activation(path, captured[path]) for path in layers],
                 stem_out[-1] if stem_out else None)
 
     def deliver(stage: int, pieces: list[Piece], x: Tensor, grad: Tensor,
@@ -432,23 +437,24 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             if stage == 0:
                 recording = cache.record() if cache is not None else nullcontext({})
                 with recording as recorded:
-                    score, activations, reference = forward(x, targets_of(0, pieces), 0,
-                                                             pieces)
+                    scores, activations, reference = forward(x, targets_of(0, pieces), 0,
+                                                              pieces)
                 if first > 0:
                     continue
                 point = reference if stem else x
-                grads = torch.autograd.grad(score, [point, *activations], allow_unused=True,
+                grads = torch.autograd.grad(scores.sum(), [point, *activations],
+                                            allow_unused=True,
                                             retain_graph=cache is not None)
                 grad, layer_grads = grads[0], grads[1:]
             else:
                 stubbing = cache.stub(prefixes[stage], recorded, grad=True) \
                     if cache is not None else nullcontext([])
                 with stubbing as leaves:
-                    score, activations, own_stem = forward(x, targets_of(stage, pieces), stage,
-                                                            pieces)
+                    scores, activations, own_stem = forward(x, targets_of(stage, pieces),
+                                                             stage, pieces)
                 point = own_stem if stem else x  # None: the stem was stubbed
                 ends = [point] if point is not None else []
-                grads = torch.autograd.grad(score, [*ends, *activations,
+                grads = torch.autograd.grad(scores.sum(), [*ends, *activations,
                                                     *(leaf for leaf, _ in leaves)],
                                             allow_unused=True)
                 layer_grads = grads[len(ends):len(ends) + len(layers)]
@@ -464,10 +470,37 @@ def _run_family(stages: Sequence[StageRequests], family: Family,
             if progress is not None:
                 progress(len(x))
 
+    def run_forward_chunk(pieces: list[Piece], first: int, reached: list[int]) -> None:
+        """:func:`run_chunk` for the ``forward`` family: no autograd; each consumer receives
+        its rows' target logits where the others receive gradients."""
+        x = torch.cat([base[key].source.build(index)[0] for key, index in pieces])
+        recorded: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            for stage in [0, *range(max(first, 1), len(stages))]:
+                if stages[stage].enter() is not model:
+                    raise ValueError("every stage must enter the same working model")
+                if stage == 0 and first > 0 and cache is None:
+                    continue
+                if stage == 0:
+                    with cache.record() if cache is not None else nullcontext({}) as recorded:
+                        scores = forward(x, targets_of(0, pieces), 0, pieces)[0]
+                    if first > 0:
+                        continue
+                else:
+                    with cache.stub(prefixes[stage], recorded, grad=False) \
+                            if cache is not None else nullcontext([]):
+                        scores = forward(x, targets_of(stage, pieces), stage, pieces)[0]
+                deliver(stage, pieces, x, scores, [], [])
+                reached[0] = stage + 1
+                if progress is not None:
+                    progress(len(x))
+
+    chunk_runner = run_forward_chunk if family == "forward" else run_chunk
+
     def run_with_retry(pieces: list[Piece], first: int) -> None:
         reached = [first]
         try:
-            run_chunk(pieces, first, reached)
+            chunk_runner(pieces, first, reached)
         except torch.cuda.OutOfMemoryError:
             rows = sum(len(index) for _, index in pieces)
             if rows == 1:

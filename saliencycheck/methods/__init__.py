@@ -10,6 +10,7 @@ from saliencycheck.methods import modified_relu  # noqa: F401
 from saliencycheck.methods import gradcam  # noqa: F401
 from saliencycheck.methods import lrp  # noqa: F401
 from saliencycheck.methods import deeplift  # noqa: F401
+from saliencycheck.methods import occlusion  # noqa: F401
 from saliencycheck.methods import rollout  # noqa: F401
 from saliencycheck.methods import noise_tunnel  # noqa: F401
 from saliencycheck.methods import custom  # noqa: F401

@@ -285,8 +285,9 @@ class UnitExecutor:
                 plan = method.spec.plan(self.randomized.model, source, setup.context,
                                         **dict(method.params))
                 for request in plan.requests:
-                    rows.setdefault(request.family, {})[request.source.key] = \
-                        request.source.count
+                    if request.family != "forward":  # a forward row keeps one logit, no map
+                        rows.setdefault(request.family, {})[request.source.key] = \
+                            request.source.count
         unit_rows = max((sum(keys.values()) for keys in rows.values()), default=len(inputs))
         size = max(1, setup.context.chunk_size * len(inputs) // (unit_rows * copies))
         return [slice(start, min(start + size, len(inputs)))
