@@ -112,22 +112,25 @@ class Result:
                              f"{', '.join(self.setup.stage_names)}")
 
     def _repr_html_(self) -> str:
-        """Jupyter's view: each verdict, its final-stage score beside the floor."""
+        """Jupyter's view: each verdict, its final-stage score beside the floor and the
+        random-map control."""
         head = ("<tr><th>method</th><th>test</th><th>verdict</th><th>metric</th>"
-                "<th>stage</th><th>mean [CI]</th><th>limit</th><th>floor</th></tr>")
+                "<th>stage</th><th>mean [CI]</th><th>limit</th><th>floor</th>"
+                "<th>control</th></tr>")
         rows = []
         for v in self.verdicts:
             colour = {"PASS": "#c8e6c9", "FAIL": "#ffcdd2"}.get(v.verdict, "#eeeeee")
             limit = (f"≤ {v.max:.3g}" if math.isfinite(v.max)
                      else f"≥ {v.min:.3g}" if math.isfinite(v.min) else "")
             floor = f"{v.floor:.3f}" if math.isfinite(v.floor) else ""
+            control = f"{v.control:.3f}" if math.isfinite(v.control) else ""
             rows.append(
                 f'<tr style="background:{colour}"><td>{escape(v.method)}</td>'
                 f"<td>{escape(v.test)}</td><td><b>{v.verdict}</b></td><td>{escape(v.metric)}</td>"
                 f"<td>{escape(v.stage)}</td><td>{interval_text(v.statistic, v.ci_low, v.ci_high)}"
-                f"</td><td>{limit}</td><td>{floor}</td></tr>")
+                f"</td><td>{limit}</td><td>{floor}</td><td>{control}</td></tr>")
         gate = "passed" if self.passed else "FAILED (a gated method failed)"
-        body = "".join(rows) or '<tr><td colspan="8">no thresholds: no verdicts</td></tr>'
+        body = "".join(rows) or '<tr><td colspan="9">no thresholds: no verdicts</td></tr>'
         return (f"<div><p>saliencycheck: {len(self.setup.images)} images, "
                 f"{len(self.run.methods)} methods; gate <b>{gate}</b></p>"
                 f"<table>{head}{body}</table></div>")

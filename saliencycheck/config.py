@@ -29,6 +29,7 @@ from saliencycheck.checks.independent import IndependentConfig
 from saliencycheck.checks.input_invariance import InputInvarianceConfig
 from saliencycheck.checks.label_randomization import LabelRandomizationConfig, TrainRecipe
 from saliencycheck.checks.random_logit import RandomLogitConfig
+from saliencycheck.checks.random_map import controlled
 from saliencycheck.checks.smooth_mprt import SmoothMprtConfig
 from saliencycheck.complexity import ENTROPY_RISE
 from saliencycheck.errors import ConfigError, first_line
@@ -521,6 +522,12 @@ class Config(Section):
             if threshold.max_above_floor is not None and not self.baselines.random_floor:
                 raise ValueError(f"thresholds.{test}.max_above_floor needs the random-network "
                                  "floor; set baselines.random_floor: true or use max:")
+            if threshold.max_above_control is not None and not controlled(check):
+                raise ValueError(f"thresholds.{test}.max_above_control: the random-map control "
+                                 "is scored in cascading and independent only; use max: there")
+            if threshold.max_above_control is not None and not self.baselines.random_map:
+                raise ValueError(f"thresholds.{test}.max_above_control needs the random-map "
+                                 "control; set baselines.random_map: true or use max:")
             # a test judged by a score of its own (eMPRT's entropy rise) by that score only
             owner = check if check.judged_metrics else judged_only.get(threshold.metric)
             if owner is not None and (owner is not check

@@ -55,6 +55,10 @@ class Threshold(Section):
         "(needs baselines.random_floor; cascading, independent, label_randomization and "
         "random_logit only)."
     )
+    max_above_control: float | None = Field(
+        None, description="Or pass if that bound is ≤ the random-map control's mean at the same "
+        "stage + this margin (needs baselines.random_map; cascading and independent only)."
+    )
     min: float | None = Field(
         None, description="Or pass if the lower confidence bound of the mean is ≥ min (for "
         "scores that must stay high: input_invariance, entropy_mprt)."
@@ -62,8 +66,10 @@ class Threshold(Section):
 
     @model_validator(mode="after")
     def _has_bound(self) -> Threshold:
-        if sum(bound is not None for bound in (self.max, self.max_above_floor, self.min)) != 1:
+        if sum(bound is not None for bound in (self.max, self.max_above_floor,
+                                               self.max_above_control, self.min)) != 1:
             raise ValueError("give one of max: (the highest similarity a passing method may "
                              "keep), max_above_floor: (a margin above the random-network "
-                             "floor) or min: (the lowest score that passes)")
+                             "floor), max_above_control: (a margin above the random-map "
+                             "control) or min: (the lowest score that passes)")
         return self

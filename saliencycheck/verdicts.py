@@ -20,12 +20,12 @@ from xml.etree import ElementTree
 
 from saliencycheck.atomic import atomic_write_csv
 from saliencycheck.errors import ConfigError
-from saliencycheck.results import CI_LEVEL, FLOOR_TEST, SummaryRow
+from saliencycheck.results import CI_LEVEL, FLOOR_TEST, RANDOM_MAP, SummaryRow
 from saliencycheck.sections import Threshold
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
 VERDICT_FIELDS = ("method", "test", "metric", "stage_index", "stage", "statistic", "ci_low",
-                  "ci_high", "max", "floor", "verdict", "reason", "min")
+                  "ci_high", "max", "floor", "verdict", "reason", "min", "control")
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,13 @@ class Verdict:
     statistic: float  # mean similarity over images at the stage
     ci_low: float
     ci_high: float
-    max: float  # the upper limit applied: the threshold's max, or floor + max_above_floor
+    max: float  # the upper limit applied: the threshold's max, floor + max_above_floor, or
+    # control + max_above_control
     floor: float  # the random-network floor's mean for this method and metric (NaN: none)
     verdict: str
     reason: str
     min: float = math.nan  # the lower limit applied: the threshold's min (NaN: none)
+    control: float = math.nan  # the random-map control's mean at the stage (NaN: none)
 
 
 def interval_text(statistic: float, low: float, high: float) -> str:
@@ -76,9 +78,12 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
            invalid_tests: dict[str, str] | None = None, level: float = CI_LEVEL,
            floor_tests: Collection[str] = ()) -> list[Verdict]:
     """A verdict for every method and every test with a threshold; the random-network floor
-    (``max_above_floor``) applies to the ``floor_tests`` only (those scoring plain maps)."""
+    (``max_above_floor``) applies to the ``floor_tests`` only (those scoring plain maps); the
+    random-map control (``max_above_control``) where its rows are, at the judged stage."""
     rows = {(s.method, s.test, s.stage_index, s.metric): s for s in summary}
     floors = {(s.method, s.metric): s.mean for s in summary if s.test == FLOOR_TEST}
+    controls = {(s.test, s.stage_index, s.metric): s.mean for s in summary
+                if s.method == RANDOM_MAP}
     verdicts = []
     for test, threshold in thresholds.items():
         index = resolve_stage(test, threshold.stage, stage_names[test], final_stage[test])
@@ -90,9 +95,12 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             # the floor scores plain maps: it is no reference for sMPRT, invariance, eMPRT
             floor = floors.get((method, threshold.metric), math.nan) \
                 if test in floor_tests else math.nan
+            control = controls.get((test, index, threshold.metric), math.nan)
             upper = threshold.min is None
             limit = (threshold.min if not upper else threshold.max if threshold.max is not None
-                     else floor + threshold.max_above_floor)
+                     else floor + threshold.max_above_floor
+                     if threshold.max_above_floor is not None
+                     else control + threshold.max_above_control)
             if invalid_tests and test in invalid_tests:
                 verdict, reason = INVALID, invalid_tests[test]
             elif row is None or math.isnan(mean):
@@ -102,6 +110,9 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
             elif threshold.max_above_floor is not None and math.isnan(floor):
                 verdict, reason = INVALID, (f"no random-network floor for {method} / "
                                             f"{threshold.metric} (undefined: constant maps)")
+            elif threshold.max_above_control is not None and math.isnan(control):
+                verdict, reason = INVALID, (f"no random-map control for {threshold.metric} at "
+                                            f"{stage}")
             else:
                 one = not math.isfinite(high)  # one image: no interval
                 bound = mean if one else high if upper else low
@@ -112,12 +123,14 @@ def decide(summary: list[SummaryRow], thresholds: dict[str, Threshold], *,
                 relation = ("≤" if passed else ">") if upper else ("≥" if passed else "<")
                 rule = (f"floor {floor:.3f} + {threshold.max_above_floor}"
                         if threshold.max_above_floor is not None
+                        else f"control {control:.3f} + {threshold.max_above_control}"
+                        if threshold.max_above_control is not None
                         else f"max {threshold.max}" if upper else f"min {threshold.min}")
                 reason = (f"{what} of mean {threshold.metric} at {stage}: {bound:.3f} "
                           f"{relation} {rule}")
             verdicts.append(Verdict(method, test, threshold.metric, index, stage, mean, low,
                                     high, limit if upper else math.nan, floor, verdict, reason,
-                                    min=math.nan if upper else limit))
+                                    min=math.nan if upper else limit, control=control))
     return verdicts
 
 

@@ -63,7 +63,8 @@ def test_a_model_in_memory_is_checked_and_left_as_it_was() -> None:
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     report = result.to_pandas()
-    assert set(report["method"]) == {"gradient", "integrated_gradients", "guided_backprop"}
+    assert set(report["method"]) == {"gradient", "integrated_gradients", "guided_backprop",
+                                     "random_map"}  # the methods and the random-map control
     assert set(report["test"]) >= {"cascading", "random_logit"}
     # layer granularity: the model's three convolutions and its head, one stage each
     stages = result.stages()
@@ -224,7 +225,8 @@ def test_figures_come_back_as_matplotlib_figures_and_the_result_shows_as_html() 
     assert isinstance(curves, Figure)
     first = curves.axes[0]
     assert first.get_title() == "spearman_abs"
-    assert len([line for line in first.get_lines() if line.get_marker() == "o"]) == 3
+    assert sorted(line.get_label() for line in first.get_lines() if line.get_marker() == "o") \
+        == ["gradient", "guided_backprop", "integrated_gradients", "random_map (control)"]
     grid = result.plot_grid(image=1, test="cascading")
     assert isinstance(grid, Figure) and "cascading" in grid.axes[0].get_title()
     with pytest.raises(sc.SaliencyCheckError, match="no maps kept for image 2"):

@@ -80,13 +80,14 @@ def test_run_writes_every_output(project: Path) -> None:
     stages = {t: {int(r["stage_index"]) for r in rows if r["test"] == t}
               for t in ("cascading", "independent")}
     assert stages["cascading"] == set(range(6)) and stages["independent"] == set(range(6))
-    # images x methods x metrics x (stages of both tests + the floor + the edge baseline)
-    assert len(rows) == 5 * 5 * 5 * (6 + 6 + 1 + 1)
+    # images x methods x metrics x (stages of both tests + the floor + the edge baseline),
+    # and the random-map control's images x metrics x stages of both tests
+    assert len(rows) == 5 * 5 * 5 * (6 + 6 + 1 + 1) + 5 * 5 * (6 + 6)
     floor = [r for r in rows if r["test"] == "random_floor"]
     assert {(r["stage_index"], r["stage"]) for r in floor} == {("1", "random_vs_random")}
     assert {r["image"] for r in rows} == {f"img{i}.png" for i in range(5)}
     assert {r["method"] for r in rows} == {"gradient", "guided_backprop", "integrated_gradients",
-                                           "gradcam", "smooth"}
+                                           "gradcam", "smooth", "random_map"}
     values = np.array([float(r["value"]) for r in rows])
     finite = values[np.isfinite(values)]
     assert finite.size > 0.9 * values.size
@@ -101,7 +102,8 @@ def test_run_writes_every_output(project: Path) -> None:
     summary = read_csv(out / "summary.csv")
     assert {"method", "test", "stage_index", "stage", "metric", "mean", "std", "ci_low",
             "ci_high", "n"} <= set(summary[0])
-    assert len(summary) == 5 * 5 * 14  # methods x metrics x (stages + the two baselines)
+    # methods x metrics x (stages + the two baselines), the control's metrics x stages
+    assert len(summary) == 5 * 5 * 14 + 5 * 12
     stage_rows = read_csv(out / "stages.csv")
     cascading = [r for r in stage_rows if r["test"] == "cascading"]
     fractions = [float(r["fraction_randomized"]) for r in cascading]

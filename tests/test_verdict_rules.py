@@ -135,6 +135,25 @@ def test_max_above_floor_adds_the_margin_to_the_methods_own_floor_of_the_metric(
     assert "0.400 > floor 0.300 + 0.05" in gradient.reason
 
 
+def test_max_above_control_adds_the_margin_to_the_controls_mean_at_the_judged_stage() -> None:
+    summary = [
+        summary_row(0.33, 0.26, 0.40, method="gradient"),  # control 0.02 + 0.3 = 0.32 < 0.40
+        summary_row(0.20, 0.15, 0.31, method="guided_backprop"),  # ≤ 0.32
+        # the control at another stage and in another metric: not this rule's reference
+        summary_row(0.50, 0.40, 0.60, method="random_map", index=2),
+        summary_row(0.50, 0.40, 0.60, method="random_map", metric="ssim"),
+        summary_row(0.02, -0.05, 0.09, method="random_map"),  # its mean, not its bound
+    ]
+    rule = Threshold(metric="spearman", max_above_control=0.3)
+    by_method = judge(summary, rule, methods=("gradient", "guided_backprop"))
+    gradient, guided = by_method["gradient"], by_method["guided_backprop"]
+    assert (gradient.verdict, guided.verdict) == (FAIL, PASS)
+    assert gradient.control == 0.02 and gradient.max == pytest.approx(0.32)
+    assert "0.400 > control 0.020 + 0.3" in gradient.reason
+    missing = judge(summary[:1], rule)["gradient"]
+    assert missing.verdict == INVALID and "no random-map control" in missing.reason
+
+
 # -- one image: no interval, the mean decides and the reason says so --------------------------
 
 @pytest.mark.parametrize(("rule", "mean", "expected"), [

@@ -15,6 +15,7 @@ from saliencycheck.checks import input_invariance  # noqa: F401
 from saliencycheck.checks import completeness  # noqa: F401
 from saliencycheck.checks import label_randomization  # noqa: F401
 from saliencycheck.checks import random_floor  # noqa: F401
+from saliencycheck.checks import random_map  # noqa: F401
 from saliencycheck.checks import edges  # noqa: F401
 from saliencycheck.checks.base import CHECKS, Check, get_check
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from saliencycheck.metrics import ReferenceScorer, Scores
 from saliencycheck.randomization import Stage, find_blocks, plan_stages, select_blocks
-from saliencycheck.results import SummaryRow
+from saliencycheck.results import RANDOM_MAP, SummaryRow
 from saliencycheck.verdicts import Verdict, decide
 
 if TYPE_CHECKING:  # the runner hands its setup in; a check only reads it
@@ -308,6 +308,9 @@ def method_table(view: View, title: str, cell: Callable[[str, str], str]) -> Tab
         table.add_column(metric, justify="right")
     for method in view.methods:
         table.add_row(method, *[cell(method, metric) for metric in view.metrics])
+    control = [cell(RANDOM_MAP, metric) for metric in view.metrics]
+    if any(c != "-" for c in control):  # the tests that score the random-map control
+        table.add_row(f"[dim]{RANDOM_MAP} (control)[/]", *[f"[dim]{c}[/]" for c in control])
     return table
 
 

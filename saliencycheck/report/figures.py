@@ -13,7 +13,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from saliencycheck.results import SummaryRow
+from saliencycheck.results import RANDOM_MAP, SummaryRow
 from saliencycheck.verdicts import interval_text
 
 MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]
@@ -113,8 +113,9 @@ def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
         for method, series in by_method.items():
             series.sort(key=lambda s: s.stage_index)
             x = [s.stage_index for s in series]
-            (line,) = ax.plot(x, [s.mean for s in series], marker="o", markersize=3,
-                              label=method)
+            style = (dict(color="grey", linestyle="--", label=f"{method} (control)")
+                     if method == RANDOM_MAP else dict(label=method))
+            (line,) = ax.plot(x, [s.mean for s in series], marker="o", markersize=3, **style)
             floor = (floors or {}).get((method, metric))
             if floor is not None and np.isfinite(floor.mean):
                 ax.axhline(floor.mean, color=line.get_color(), linestyle=":", linewidth=1)
@@ -122,7 +123,7 @@ def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
                     ax.axhspan(floor.ci_low, floor.ci_high, color=line.get_color(), alpha=0.08)
             low = [s.ci_low if np.isfinite(s.ci_low) else s.mean for s in series]
             high = [s.ci_high if np.isfinite(s.ci_high) else s.mean for s in series]
-            ax.fill_between(x, low, high, alpha=0.2)
+            ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
         _axis_style(ax, metric)
         ax.set_xticks([i for i, _ in stages])
         ax.set_xticklabels([name for _, name in stages], rotation=70, fontsize=6)
