@@ -455,7 +455,9 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
         for image in skipped:
             err_console.print(f"[yellow]warning:[/] unreadable image {image.path}: {image.reason}",
                               highlight=False)
-        stages = ", ".join(f"{t} {len(s)} stages" for t, s in setup.stages.items()) or "no tests"
+        stages = ", ".join(f"{c.name} {len(setup.stages[c.name])} stages"
+                           if c.name in setup.stages else c.name
+                           for c in setup.checks if not c.baseline) or "no tests"
         console.print(f"{config}: valid. {loaded.config.model.label} ({setup.weights_source}), "
                       f"{len(setup.images) - len(skipped)} images ({len(skipped)} unreadable), "
                       f"{len(setup.methods)} methods, {stages}.", highlight=False)

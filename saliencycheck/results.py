@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 CI_LEVEL = 0.95  # the default confidence level of every interval (runtime.ci_level)
 FLOOR_TEST = "random_floor"  # the rows of the random-network floor, read beside every score
+COSINE_SIMILARITY = "cosine_similarity"  # the CSC test's score (saliencycheck.checks.csc)
 RANDOM_MAP = "random_map"  # the random-map control's label in the method column
 ROW_FIELDS = ("image", "target", "target_explained", "method", "test", "stage_index", "stage",
               "metric", "value", "note", "repeat")

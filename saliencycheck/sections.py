@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from saliencycheck.complexity import ENTROPY_RISE
 from saliencycheck.metrics import METRICS
+from saliencycheck.results import COSINE_SIMILARITY
 
 # Upper bounds that catch a typo (an extra zero) before hours of compute; generous for real use.
 MAX_SAMPLES = 10_000  # noisy copies per image (SmoothGrad, VarGrad, sMPRT)
@@ -39,8 +40,9 @@ class Threshold(Section):
     """When a method passes a test: its score at one stage must stay low (randomization
     tests) or high (input invariance, entropy rise) enough."""
 
-    metric: Literal[(*METRICS, ENTROPY_RISE)] = Field(  # type: ignore[valid-type]
-        description="The metric judged (must be listed in metrics; entropy_mprt: entropy_rise)."
+    metric: Literal[(*METRICS, ENTROPY_RISE, COSINE_SIMILARITY)] = Field(  # type: ignore[valid-type]
+        description="The metric judged (must be listed in metrics; entropy_mprt: entropy_rise; "
+        "csc: cosine_similarity)."
     )
     stage: Literal["final"] | Annotated[int, Field(ge=1)] | str = Field(
         "final",

@@ -11,6 +11,7 @@ from saliencycheck.checks import independent  # noqa: F401
 from saliencycheck.checks import smooth_mprt  # noqa: F401
 from saliencycheck.checks import entropy_mprt  # noqa: F401
 from saliencycheck.checks import random_logit  # noqa: F401
+from saliencycheck.checks import csc  # noqa: F401
 from saliencycheck.checks import input_invariance  # noqa: F401
 from saliencycheck.checks import completeness  # noqa: F401
 from saliencycheck.checks import label_randomization  # noqa: F401

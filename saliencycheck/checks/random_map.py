@@ -15,7 +15,6 @@ noise, and images given as files or as tensors the same.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from saliencycheck.checks.base import TRAINED, Check, Engine, Group, StageRef, register_check
 from saliencycheck.metrics import ReferenceScorer
+from saliencycheck.randomization import block_seed
 from saliencycheck.results import RANDOM_MAP
 
 
@@ -31,9 +31,8 @@ def control_maps(images: list[int], state: str, size: tuple[int, int], *, seed: 
     """(N, 1, H, W) U(0, 1) noise, row i drawn from (seed, ``images[i]``, state)."""
     maps = []
     for image in images:
-        digest = hashlib.blake2b(f"{seed}|{image}|{state}".encode(), digest_size=8).digest()
         generator = torch.Generator(device=device).manual_seed(
-            int.from_bytes(digest, "little") >> 1)
+            block_seed(seed, f"random_map/{image}/{state}"))
         maps.append(torch.rand((1, *size), generator=generator, device=device))
     return torch.stack(maps)
 

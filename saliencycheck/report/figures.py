@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from saliencycheck.results import RANDOM_MAP, SummaryRow
 from saliencycheck.verdicts import interval_text
 
+REFERENCE_LINES = (RANDOM_MAP, "random_vectors")  # drawn grey and dashed: what chance gives
 MAP_CMAP = "inferno"  # one colormap for every absolute map, fixed range [0, 1]
 
 
@@ -97,7 +98,8 @@ def _axis_style(ax, metric: str) -> None:  # noqa: ANN001
 
 def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
                   floors: dict[tuple[str, str], SummaryRow] | None = None,
-                  level: float = 0.95) -> Figure:
+                  level: float = 0.95, *, title: str | None = None,
+                  ylabel: str = "similarity to trained map") -> Figure:
     """Each metric against the stage, one line per method: mean with its CI band (at
     ``level``, the one summary.csv's intervals were computed at), and
     the method's random-network floor (``floors[(method, metric)]``, its summary row) as a
@@ -113,8 +115,9 @@ def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
         for method, series in by_method.items():
             series.sort(key=lambda s: s.stage_index)
             x = [s.stage_index for s in series]
-            style = (dict(color="grey", linestyle="--", label=f"{method} (control)")
-                     if method == RANDOM_MAP else dict(label=method))
+            style = (dict(color="grey", linestyle="--",
+                          label=f"{method} (control)" if method == RANDOM_MAP else method)
+                     if method in REFERENCE_LINES else dict(label=method))
             (line,) = ax.plot(x, [s.mean for s in series], marker="o", markersize=3, **style)
             floor = (floors or {}).get((method, metric))
             if floor is not None and np.isfinite(floor.mean):
@@ -128,10 +131,10 @@ def curves_figure(summary: list[SummaryRow], test: str, metrics: list[str],
         ax.set_xticks([i for i, _ in stages])
         ax.set_xticklabels([name for _, name in stages], rotation=70, fontsize=6)
     for row in axes:
-        row[0].set_ylabel("similarity to trained map", fontsize=8)
+        row[0].set_ylabel(ylabel, fontsize=8)
     handles, labels = flat[0].get_legend_handles_labels()
     spare = len(metrics) % axes.shape[1]  # an empty panel takes the legend
-    fig.suptitle(f"{test} randomization (mean and {percent(level)} CI over images"
+    fig.suptitle(f"{title or test + ' randomization'} (mean and {percent(level)} CI over images"
                  + ("; dotted, faint band: random-network floor)" if floors else ")"), fontsize=10)
     if spare:
         fig.legend(handles, labels, fontsize=7, loc="lower right")

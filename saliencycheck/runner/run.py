@@ -407,7 +407,8 @@ def test_curves(setup: RunSetup, summary: list[SummaryRow], test: str) -> Figure
     check = get_check(test)
     return curves_figure(summary, test, check.metrics(setup.config),
                          floors=floors if check.against_floor else {},
-                         level=setup.config.runtime.ci_level)
+                         level=setup.config.runtime.ci_level,
+                         title=None if check.randomizes else check.title, ylabel=check.ylabel)
 
 
 def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
