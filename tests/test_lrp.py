@@ -3,8 +3,10 @@ conservation, LRP-0 = gradient × input on ReLU networks, and one-line refusals.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -379,3 +381,59 @@ def test_in_place_activations_pass_relevance_through_unchanged() -> None:
     logits = model(x).gather(1, targets[:, None])[:, 0].detach()
     assert (model[0](x) > 6).any()
     torch.testing.assert_close(maps.sum(dim=(1, 2, 3)), logits, rtol=1e-5, atol=1e-9)
+
+
+def _captum_lrp(model: nn.Module, x: Tensor, targets: Tensor, rule: object) -> Tensor:
+    """Captum's ``LRP`` with ``rule`` on every convolution and linear layer (its defaults, ε,
+    on the pooling layers), on a copy whose ReLUs are out of place (Captum needs that)."""
+    from captum.attr import LRP
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.rule = copy.deepcopy(rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LRP(model).attribute(x.clone(), target=targets)
+
+
+def _without_biases(model: nn.Module) -> nn.Module:
+    """Biases zeroed: with inputs ≥ 0 and a positive target logit, Captum's γ and α1β0 are
+    then the same formulas as zennit's, which saliencycheck follows. They differ only where
+    this rules out: Captum modifies W alone (zennit W and b), and applies W⁺ to inputs of
+    either sign (zennit splits them by sign); units whose pre-activation is negative, where
+    zennit's generalised γ boosts the negative contributions instead, hold no relevance after
+    their ReLU."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("case", ["epsilon", "gamma", "alpha1_beta0"])
+def test_lrp_equals_captum_on_vgg11(case: str) -> None:
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
+
+    torch.manual_seed(0)
+    model = narrow_head(tvm.vgg11(weights=None)).double().eval()
+    x = images(32)
+    if case != "epsilon":  # where both libraries define the rule alike (see _without_biases)
+        model, x = _without_biases(model), x.abs()
+    with torch.no_grad():
+        logits = model(x)
+    targets = logits.argmax(dim=1)
+    assert (logits.gather(1, targets[:, None]) > 0).all()
+    ours = {"epsilon": {"rule": "epsilon", "epsilon": 1e-6},
+            "gamma": {"rule": "gamma", "gamma": 0.25},
+            "alpha1_beta0": {"rule": "alpha_beta", "alpha": 1, "beta": 0}}[case]
+    theirs = {"epsilon": EpsilonRule(epsilon=1e-6), "gamma": GammaRule(gamma=0.25),
+              "alpha1_beta0": Alpha1_Beta0_Rule()}[case]
+    theirs.STABILITY_FACTOR = 1e-6  # Captum's 1e-9 for γ and α1β0; saliencycheck's (zennit's)
+    got = resolve_method({"name": "lrp", **ours})(model, x, targets, CONTEXT)
+    expected = _captum_lrp(model, x, targets, theirs)
+    scale = expected.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)

@@ -519,13 +519,28 @@ def linear_model(num_classes: int = 4):
     return model
 
 
+def bias_free_cnn(num_classes: int = 4):
+    """A ReLU CNN without biases (max and average pooling): LRP-ε and gradient × input are
+    complete on it."""
+    import torch
+    from torch import nn
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, num_classes, bias=False))
+    torch.random.set_rng_state(state)
+    return model
+
+
 def test_completeness_is_exact_on_a_linear_model_and_fails_for_gradient_x_input_with_biases(
         project) -> None:
     def completeness(factory: str, out: str) -> dict[str, dict[str, str]]:
         result = _run(project, "-o", str(project / out), "--set",
                       f"model={{factory: '{factory}', num_classes: 4}}", "--set",
                       "methods=[{name: integrated_gradients, steps: 8}, gradient_x_input, "
-                      "deeplift]",
+                      "deeplift, {name: lrp, rule: epsilon}, {name: lrp, rule: zplus}]",
                       "--set", "tests={cascading: {enabled: false}, "
                       "completeness: {enabled: true, tolerance: 0.05}}",
                       "--set", "fail_on=none")
@@ -534,11 +549,17 @@ def test_completeness_is_exact_on_a_linear_model_and_fails_for_gradient_x_input_
             return {r["method"]: r for r in csv.DictReader(fh) if r["test"] == "completeness"}
 
     linear = completeness("tests.test_verdicts:linear_model", "linear")
-    for method in ("integrated_gradients", "gradient_x_input", "deeplift"):
+    for method in ("integrated_gradients", "gradient_x_input", "deeplift", "lrp_epsilon"):
         assert linear[method]["verdict"] == PASS
         assert float(linear[method]["statistic"]) < 1e-4  # float32 sums of 3,072 terms
+    assert "lrp_zplus" not in linear  # z⁺ does not conserve the logit: not judged
+    bias_free = completeness("tests.test_verdicts:bias_free_cnn", "bias_free")
+    for method in ("gradient_x_input", "deeplift", "lrp_epsilon"):
+        assert bias_free[method]["verdict"] == PASS, method
+        assert float(bias_free[method]["statistic"]) < 1e-4
     cnn = completeness("tests.test_cli:tiny_cnn", "cnn")
-    assert cnn["gradient_x_input"]["verdict"] == FAIL  # biases break gradient x input
-    assert float(cnn["gradient_x_input"]["statistic"]) > 0.05
+    for method in ("gradient_x_input", "lrp_epsilon"):  # biases absorb part of the logit
+        assert cnn[method]["verdict"] == FAIL, method
+        assert float(cnn[method]["statistic"]) > 0.05
     # DeepLIFT's summation-to-delta holds whatever the biases and ReLUs
     assert cnn["deeplift"]["verdict"] == PASS and float(cnn["deeplift"]["statistic"]) < 1e-4

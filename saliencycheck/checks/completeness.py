@@ -1,9 +1,9 @@
 """Completeness (Sundararajan et al. 2017): do the attributions sum to what they explain?
 
-A method registered with a ``reference`` input x′ (integrated gradients: its baseline;
-gradient × input: zero) claims Σ attributions = f(x) − f(x′) for the class explained. The
-test scores the relative error of that sum per image on the trained model and judges itself by
-``tolerance``, not by a threshold.
+A method registered with a ``reference`` input x′ (integrated gradients and DeepLIFT: their
+baseline; gradient × input and LRP-ε: zero) claims Σ attributions = f(x) − f(x′) for the class
+explained. The test scores the relative error of that sum per image on the trained model and
+judges itself by ``tolerance``, not by a threshold.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ COMPLETENESS_METRIC = "relative_error"
 
 class CompletenessConfig(Section):
     enabled: bool = Field(
-        False, description="Completeness (Sundararajan et al. 2017) of integrated_gradients and "
-        "gradient_x_input: |Σ attributions − (f(x) − f(baseline))| / |f(x) − f(baseline)|.",
+        False, description="Completeness (Sundararajan et al. 2017) of integrated_gradients, "
+        "gradient_x_input, deeplift and lrp with rule epsilon: |Σ attributions − (f(x) − "
+        "f(baseline))| / |f(x) − f(baseline)| (gradient × input and LRP-ε are complete on "
+        "networks without biases only).",
     )
     tolerance: float = Field(
         0.05, gt=0, description="Largest relative error (upper confidence bound) that passes.",
@@ -66,6 +68,8 @@ class Completeness(Check):
             if method.spec.reference is None:
                 continue
             reference = method.spec.reference(inputs, setup.context, **dict(method.params))
+            if reference is None:  # not complete with these parameters (LRP's z⁺ rule)
+                continue
             with torch.no_grad():
                 logits = model(inputs)
                 gap = (logits - model(reference)).gather(1, targets[:, None])[:, 0]

@@ -115,7 +115,16 @@ def _channels(source: RowSource) -> int:
     return source.build(torch.arange(1))[0].shape[1]
 
 
-@planned_method("lrp", params=LrpParams,
+def conserving_reference(inputs: torch.Tensor, context: AttributionContext, *,
+                         rule: str | None, composite: str | None, **_: object
+                         ) -> torch.Tensor | None:
+    """LRP-ε (LRP-z as ε → 0) conserves relevance: on a network without biases the map sums
+    to the logit, f(x) − f(0); the completeness test measures how far biases (which absorb
+    relevance) take it. Other rules and the composites do not conserve it: None."""
+    return torch.zeros_like(inputs) if composite is None and rule in (None, "epsilon") else None
+
+
+@planned_method("lrp", params=LrpParams, reference=conserving_reference,
                 description="layer-wise relevance propagation: a rule or composite of rules")
 def lrp(model: nn.Module, source: RowSource, context: AttributionContext, *,
         rule: str | None = None, composite: str | None = None, epsilon: float = 1e-6,

@@ -13,7 +13,8 @@ from saliencycheck.errors import ConfigError
 from saliencycheck.methods.base import AttributionContext, AttributionFn
 from saliencycheck.suggest import did_you_mean, not_one_of
 
-ReferenceFn = Callable[..., Tensor]  # (inputs, context, **params) -> the reference input x′
+ReferenceFn = Callable[..., Tensor | None]  # (inputs, context, **params) -> the reference
+# input x′ (None: not complete with these parameters)
 
 
 class MethodParams(BaseModel):
