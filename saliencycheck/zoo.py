@@ -159,6 +159,37 @@ def digits_vit(
         num_classes=10), cache)
 
 
+def digits_vgg(
+    *,
+    num_classes: int = 10,
+    size: int = 32,
+    epochs: int = 8,
+    seed: int = 0,
+    cache: str | None = None,
+) -> nn.Module:
+    """A VGG-style network (six 3×3 convolutions with ReLUs in four max-pooled stages, then
+    two linear layers; no batch norm, no skip connection: the family Captum's LRP and the
+    relevance-rule literature use) trained on digits [0, 1600) at 32×32, then cached like
+    :func:`digits_resnet18`."""
+    if num_classes != 10:
+        raise ValueError("digits_vgg has 10 classes; remove model.num_classes or set it to 10")
+    recipe = {"arch": "vgg6", "size": size, "epochs": epochs, "seed": seed, "lr": 1e-3,
+              "batch_size": 64}
+    return _trained(recipe, _vgg_style, cache)
+
+
+def _vgg_style() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = 3
+    for stage in ([16], [32], [64, 64], [128, 128]):
+        for channels in stage:
+            layers += [nn.Conv2d(width, channels, 3, padding=1), nn.ReLU()]
+            width = channels
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 2 * 2, 128), nn.ReLU(),
+                         nn.Dropout(0.25), nn.Linear(128, 10))
+
+
 def _trained(recipe: dict, build: Callable[[], nn.Module], cache: str | None) -> nn.Module:
     """The model ``build()`` makes, trained on digits [0, 1600) by ``recipe`` (Adam; keys
     arch, size, epochs, seed, lr, batch_size) the first time and cached under a key of the

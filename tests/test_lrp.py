@@ -340,7 +340,7 @@ def test_a_check_scores_the_maps_of_each_randomized_state(tmp_path) -> None:
                  "output_settings": {"figures": False, "save_maps": True}}
     result = sc.check(model, x, output=tmp_path / "run", **arguments)
     rows = result.to_pandas()
-    assert set(rows["method"]) == {"lrp_epsilon_plus", "deep_taylor"}
+    assert set(rows["method"]) == {"lrp_epsilon_plus", "deep_taylor", "random_map"}
     with prepared(model, x, **arguments) as (setup, _):
         executor = UnitExecutor(setup)
         refs = get_cascading_refs(setup)
@@ -437,3 +437,21 @@ def test_lrp_equals_captum_on_vgg11(case: str) -> None:
     scale = expected.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_string_padding_grouped_and_strided_convolutions_get_the_same_rules() -> None:
+    """Wᵀs without a forward (convolution_backward) for numeric padding, strides, dilation and
+    groups; through a probe for padding='same': LRP-0 is gradient × input on both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding="same"), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, stride=2, padding=(1, 2), dilation=2, groups=3),
+                          nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)).double()
+    x = images(16)
+    model(x)
+    model.eval()
+    targets = torch.tensor([1, 3])
+    got = resolve_method({"name": "lrp", "rule": "epsilon", "epsilon": 1e-12})(
+        model, x, targets, CONTEXT)
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x).gather(1, targets[:, None]).sum(), x)
+    torch.testing.assert_close(got, grad * x, rtol=1e-7, atol=1e-10)
