@@ -376,6 +376,16 @@ class LrpMode(TorchFunctionMode):
         elif func is F.batch_norm:
             if on_path(args[0]):
                 return self._batch_norm(func, args, kwargs)
+        elif func is Tensor.clone and id(args[0]) in self._layers:
+            # a forward hook's copy of a rule layer's output (CSC's injection points): a batch
+            # norm after it is still merged into the layer
+            copy = func(*args, **kwargs)
+            layer = self._layers[id(args[0])]
+            if layer.out is args[0]:
+                self._layers[id(copy)] = _Layer(copy, layer.x, layer.weight, layer.bias,
+                                                layer.op, layer.transpose, layer.kind,
+                                                layer.direct)
+            return copy
         elif func in _RELU:
             pass  # its gradient passes relevance through exactly
         elif func in _PASSED:

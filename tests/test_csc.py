@@ -43,7 +43,7 @@ def _csc(model: nn.Module, images: Tensor, methods: list, tmp_path, name: str, *
 def _hand_csc(model: nn.Module, image: Tensor, place: int, block: str, *,
               relevance: bool) -> tuple[float, float]:
     """(the input maps' CSC, the vectors' own) from the block's explicit Jacobian: the maps are
-    Jᵀv (the gradient), or x ⊙ Jᵀ(v / A) (LRP-0 relevance, v injected as relevance)."""
+    Jᵀv (the gradient), or x ⊙ Jᵀv (LRP-0: relevance A ⊙ v injected, relevance at the input)."""
     module = model.get_submodule(block)
     kept = []
     handle = module.register_forward_hook(lambda m, a, out: kept.append(out))
@@ -62,12 +62,7 @@ def _hand_csc(model: nn.Module, image: Tensor, place: int, block: str, *,
     jacobian = torch.autograd.functional.jacobian(block_output, image).flatten(1)  # (A, x)
     v = random_vectors([place], block, tuple(activation.shape), SAMPLES, seed=0,
                        device=torch.device("cpu")).flatten(1)
-    if relevance:
-        a = activation.flatten()
-        upstream = torch.where(a != 0, v / torch.where(a != 0, a, 1), 0)
-        maps = image.flatten() * (upstream @ jacobian)
-    else:
-        maps = v @ jacobian
+    maps = image.flatten() * (v @ jacobian) if relevance else v @ jacobian
 
     def cosine(first: Tensor, second: Tensor) -> float:
         return abs(float(first @ second / (first.norm() * second.norm())))
@@ -164,3 +159,21 @@ def test_the_mean_pairwise_cosine_is_the_mean_over_distinct_pairs() -> None:
     values, reasons = mean_pairwise_cosine(maps, 3)
     assert values[0].item() == pytest.approx((0 + 2 * 0.5 ** 0.5) / 3)
     assert torch.isnan(values[1]) and reasons == ("", "a propagated map is zero")
+
+
+def test_lrp_epsilon_converges_as_gradient_x_input_with_batch_norms_merged(tmp_path) -> None:
+    """LRP-ε is gradient × input on ReLU networks, batch norms merged into the convolutions
+    before them; an injection point between a convolution and its batch norm (layer
+    granularity) must not break the merge (it did: the hook's copy hid the convolution)."""
+    from tests.test_deeplift import calibrated
+
+    model = calibrated(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(24, 5)), 6).float()
+    report = _csc(model, IMAGES, ["gradient_x_input", {"name": "lrp", "rule": "epsilon",
+                                                       "epsilon": 1e-9}], tmp_path, "bn")
+    values = report.pivot_table(index=["image", "stage"], columns="method", values="value")
+    assert len(values) == 3 * 5  # the linear layer, both batch norms, both convolutions
+    assert values["lrp_epsilon"].to_numpy() == pytest.approx(
+        values["gradient_x_input"].to_numpy(), rel=1e-3)
