@@ -15,8 +15,10 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -69,6 +71,9 @@ JunitOption = Annotated[Path | None, typer.Option(
     "--junit", help="Also write the verdicts as JUnit XML to this file (for CI).")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print the verdicts as JSON on stdout (tables go to stderr).")]
+SummaryOption = Annotated[Path | None, typer.Option(
+    "--summary-md", help="Append a Markdown summary (outcome, verdicts, scores) to this file; "
+    "by default to $GITHUB_STEP_SUMMARY when it is set (a GitHub Actions job summary).")]
 
 
 @app.callback()
@@ -108,6 +113,7 @@ def run(config: ConfigArg, overrides: SetOption = None, output: OutputOption = N
             "--retrain", help="Train the label randomization models again instead of reusing "
             "the cached ones.")] = False,
         junit: JunitOption = None, as_json: JsonOption = False,
+        summary_md: SummaryOption = None,
         resume: Annotated[bool, typer.Option(
             "--resume", help="Keep the units already stored in the output folder and run only "
             "the rest; refused when they come from another config or other input files.")
@@ -166,7 +172,8 @@ def run(config: ConfigArg, overrides: SetOption = None, output: OutputOption = N
                         result = run_check(setup, progress=advance, retrain=retrain,
                                            resume=resume, force=force)
                 if part is None:
-                    _show_result(result, junit=junit, as_json=as_json, folder=folder)
+                    _show_result(result, junit=junit, as_json=as_json, folder=folder,
+                                 summary_md=summary_md)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except OSError as exc:
@@ -279,8 +286,10 @@ def _print_shard(done) -> None:  # noqa: ANN001
                       highlight=False)
 
 
-def _show_result(result, *, junit: Path | None, as_json: bool, folder) -> None:  # noqa: ANN001
-    """Print what a run or merge found, write the JUnit file, exit 1 if the gate fails."""
+def _show_result(result, *, junit: Path | None, as_json: bool, folder,  # noqa: ANN001
+                 summary_md: Path | None = None) -> None:
+    """Print what a run or merge found, write the JUnit file and the job summary, exit 1 if
+    the gate fails."""
     if result.units_resumed:
         err_console.print(f"resumed: {result.units_resumed} of {result.units_total} units were "
                           "already stored", highlight=False)
@@ -311,6 +320,12 @@ def _show_result(result, *, junit: Path | None, as_json: bool, folder) -> None: 
         atomic_write_text(junit, junit_xml(result.verdicts, result.failures))
         if folder.root.resolve() in junit.resolve().parents:
             folder.record([junit])
+    step_summary = summary_md or (Path(os.environ["GITHUB_STEP_SUMMARY"])
+                                  if os.environ.get("GITHUB_STEP_SUMMARY") else None)
+    if step_summary is not None and result.output_dir is not None:
+        from saliencycheck.report.markdown import append_job_summary
+
+        append_job_summary(result.output_dir, step_summary)
     if as_json:
         from saliencycheck.verdicts import verdicts_json
 
@@ -319,10 +334,69 @@ def _show_result(result, *, junit: Path | None, as_json: bool, folder) -> None: 
         raise typer.Exit(code=1)
 
 
-def _progress() -> Progress:
+def _progress() -> Progress | PlainProgress:
+    """rich's bar on a terminal; plain lines where standard error is a log (CI), in which
+    rich would show nothing until its last frame."""
+    if not err_console.is_terminal:
+        return PlainProgress(err_console)
     return Progress(TextColumn("{task.description}", table_column=None), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
                     transient=False)
+
+
+class PlainProgress:
+    """Progress as plain log lines: one when a work unit finishes, at most one every
+    ``interval`` seconds, and the last; each with the share done, the unit and image range
+    being worked on, the time elapsed and an estimate of the time left."""
+
+    def __init__(self, console: Console, interval: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.interval, self.clock = console, interval, clock
+        self.done, self.total, self.text = 0.0, None, ""
+        self.unit: str | None = None  # the work unit of the last description
+        self.units = 0
+
+    def __enter__(self) -> PlainProgress:
+        self.started = self.last = self.clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None and self.done:
+            if self.unit is not None and self.total and self.done >= self.total:
+                self.units += 1  # the last unit finished too
+            self._line()
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.text, self.total = description, total
+        return 0
+
+    def update(self, task: int, *, advance: float = 0, total: float | None = None,
+               description: str | None = None) -> None:
+        self.done += advance
+        self.total = total if total is not None else self.total
+        if description is not None:
+            unit = description.split(":")[0]
+            if self.unit is not None and unit != self.unit:
+                self.units += 1  # the previous unit finished
+            self.unit, self.text = unit, description
+        if self.clock() - self.last >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        now = self.clock()
+        self.last = now
+        elapsed = now - self.started
+        share = self.done / self.total if self.total else 0.0
+        left = f", about {_duration(elapsed / share - elapsed)} left" if 0 < share < 1 else ""
+        total = f"{self.total:g}" if self.total else "?"
+        self.console.print(f"progress: {share:.0%} ({self.done:g} of {total} "
+                           f"steps), {self.units} work unit(s) done, now {self.text}; elapsed "
+                           f"{_duration(elapsed)}{left}", highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _print_summary(result, console: Console) -> None:  # noqa: ANN001
@@ -377,6 +451,7 @@ def merge(
         "--allow-partial", help="Write the report even when units are missing (run.json "
         "counts them).")] = False,
     junit: JunitOption = None, as_json: JsonOption = False, force: ForceOption = False,
+    summary_md: SummaryOption = None,
 ) -> None:
     """Merge the units stored by shards into the report, summary, verdicts and figures.
 
@@ -406,7 +481,8 @@ def merge(
                 if result.interrupted:
                     err_console.print(f"[yellow]partial:[/] {result.units_done} of "
                                       f"{result.units_total} units merged", highlight=False)
-                _show_result(result, junit=junit, as_json=as_json, folder=folder)
+                _show_result(result, junit=junit, as_json=as_json, folder=folder,
+                             summary_md=summary_md)
         except SaliencyCheckError as exc:
             raise fail(exc) from None
         except OSError as exc:
@@ -517,14 +593,27 @@ def compare(
     new: Annotated[Path, typer.Argument(help="Output folder of the new run.")],
     tolerance: Annotated[float, typer.Option(help="Largest rise of a mean similarity that is "
                                              "not a regression.")] = 0.05,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Also write the comparison as one self-contained page (what moved, "
+        "verdict changes, both runs' curves side by side).")] = None,
 ) -> None:
     """Compare two runs' summaries; exit 1 on any regression beyond the tolerance."""
     from saliencycheck.compare import compare_runs
 
     try:
         result = compare_runs(baseline, new, tolerance=tolerance)
+        if html is not None:
+            from saliencycheck.report.html import render_diff
+
+            if html.is_dir() or not html.parent.is_dir():
+                raise UsageError(f"--html {html}: give a file in an existing folder, e.g. "
+                                 "--html diff.html")
+            atomic_write_text(html, render_diff(baseline, new, result, tolerance))
     except SaliencyCheckError as exc:
         raise fail(exc) from None
+    except OSError as exc:
+        raise fail(UsageError(f"--html {html}: cannot write it ({exc.strerror or exc})")) \
+            from None
     for title, changes, colour in (("regressions", result.regressions, "red"),
                                    ("improvements", result.improvements, "green")):
         if not changes:
@@ -543,6 +632,28 @@ def compare(
                   f"{len(result.improvements)} improved)", highlight=False)
     if result.regressions:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="Output folder of a finished run.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the "
+                                                "page (default OUTPUT_DIR/report.html).")] = None,
+) -> None:
+    """Write report.html for a stored run, from its files alone (nothing is recomputed)."""
+    from saliencycheck.report.html import write_html_report
+
+    try:
+        if output is not None and not output.parent.is_dir():
+            raise UsageError(f"folder {output.parent} does not exist; create it first or give "
+                             "another --output")
+        path = write_html_report(output_dir, output)
+    except OSError as exc:
+        raise fail(UsageError(f"cannot write {output or output_dir} ({exc.strerror or exc}); "
+                              "give a path in a writable folder with --output")) from None
+    except SaliencyCheckError as exc:
+        raise fail(exc) from None
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
 
 
 @app.command()

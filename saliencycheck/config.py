@@ -380,6 +380,9 @@ class OutputConfig(Section):
                              "files; give a folder, e.g. runs/latest")
         return value
     figures: bool = Field(True, description="Write PNG figures.")
+    html: bool = Field(True, description="Write report.html: one self-contained page (the "
+                       "verdicts first, then the evidence and the provenance; figures "
+                       "embedded, nothing fetched from elsewhere).")
     figure_images: int = Field(
         4, ge=0, description="How many images get per-image stage grids (the first ones)."
     )

@@ -178,6 +178,11 @@ def test_shards_merged_give_the_report_of_one_run(tmp_path: Path, reference: Pat
     assert (out / "figures" / "img0" / "cascading.png").is_file()
     info = json.loads((out / "run.json").read_text())
     assert (info["units_done"], info["units_total"]) == (4, 4)
+    # the merged run's page, and `report` regenerates it from the folder alone
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "PASSED (exit code 0)" in page and "report.html" in info["report_files"]
+    assert run_cli("report", out, "-o", tmp_path / "again.html").exit_code == 0
+    assert (tmp_path / "again.html").read_text(encoding="utf-8") == page
 
 
 def test_merge_of_several_folders_and_its_refusals(tmp_path: Path, reference: Path) -> None:

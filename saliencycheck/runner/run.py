@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from saliencycheck.report.figures import (
     verdict_heatmap,
 )
 from saliencycheck.report.figures import save as save_figure
+from saliencycheck.report.html import REPORT_HTML, write_html_report
 from saliencycheck.report.tables import (
     summarize,
     write_report,
@@ -200,6 +202,8 @@ def open_store(setup: RunSetup, units: list[WorkUnit], *, keep: bool, fix: str) 
 def report_outputs(setup: RunSetup) -> list[str]:
     """The files (relative paths) of the report that a run of ``setup`` writes."""
     names = [*REPORT_FILES, RUN_JSON]
+    if setup.config.output.html:
+        names.append(REPORT_HTML)
     if setup.config.output.figures:
         for test in setup.stage_names:
             names += [grid_figure_path(image, test) for image in sorted(setup.figure_ids)]
@@ -327,12 +331,18 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
             written.append(out / VERDICT_FIGURE)
             verdict_heatmap(written[-1], verdicts, level=setup.config.runtime.ci_level)
     store.folder.record(written)
+    if setup.config.output.html:
+        written.append(out / REPORT_HTML)
     timings = {**timings, "report_s": time.perf_counter() - started}
-    write_run_json(setup, out / RUN_JSON, timings=timings, units_done=len(stored.unit_ids),
-                   units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
-                   validity=validity,
-                   report_files=sorted(store.folder.relative(path) for path in written),
-                   interrupted=interrupted)
+    info = run_info(setup, timings=timings, units_done=len(stored.unit_ids),
+                    units_total=units_total, skipped=stored.skipped, fidelity=fidelity,
+                    validity=validity,
+                    report_files=sorted(store.folder.relative(path) for path in written),
+                    interrupted=interrupted)
+    if setup.config.output.html:  # from the files just written and run.json's content
+        write_html_report(out, info=json.loads(json.dumps(info, default=_json_default)))
+        store.folder.record([out / REPORT_HTML])
+    atomic_write_text(out / RUN_JSON, json.dumps(info, indent=2, default=_json_default))
     store.folder.record([out / RUN_JSON])
     store.folder.settle()
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
@@ -411,14 +421,14 @@ def test_curves(setup: RunSetup, summary: list[SummaryRow], test: str) -> Figure
                          title=None if check.randomizes else check.title, ylabel=check.ylabel)
 
 
-def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], units_done: int,
-                   units_total: int, skipped: list[tuple[str, str]],
-                   fidelity: dict[str, float], validity: dict[str, dict] | None = None,
-                   report_files: list[str] = (),
-                   interrupted: BaseException | None = None) -> None:
-    """The resolved config, versions, device, timings, skipped images, and what was run;
-    ``complete`` is true when every planned unit is in the report."""
-    info = {
+def run_info(setup: RunSetup, *, timings: dict[str, float], units_done: int,
+             units_total: int, skipped: list[tuple[str, str]],
+             fidelity: dict[str, float], validity: dict[str, dict] | None = None,
+             report_files: list[str] = (),
+             interrupted: BaseException | None = None) -> dict[str, Any]:
+    """run.json's content: the resolved config, versions, device, timings, skipped images,
+    and what was run; ``complete`` is true when every planned unit is in the report."""
+    return {
         "complete": units_done == units_total,
         "interrupted_by": (None if interrupted is None else
                            "SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT"),
@@ -457,7 +467,6 @@ def write_run_json(setup: RunSetup, path: Path, *, timings: dict[str, float], un
         "report_files": list(report_files),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    atomic_write_text(path, json.dumps(info, indent=2, default=_json_default))
 
 
 def _json_default(value: object) -> object:
