@@ -38,8 +38,8 @@ def test_empty_config_gives_documented_defaults(tmp_path: Path) -> None:
         ("images:\n  target: -3\n", "images.target"),
         ("unknown_section: 1\n", "unknown_section"),
         ("methods: [gradient]\ntests:\n  completeness: {enabled: true}\n",
-         "tests.completeness: it checks gradient_x_input, integrated_gradients, deeplift, and "
-         "methods has none of them"),
+         "tests.completeness: it checks gradient_x_input, integrated_gradients, lrp, deeplift, "
+         "and methods has none of them"),
     ],
 )
 def test_errors_name_file_and_yaml_path(tmp_path: Path, text: str, where: str) -> None:

@@ -418,7 +418,7 @@ def test_gelu_as_relu_runs_through_a_check_and_is_recorded(tmp_path) -> None:
     with pytest.warns(UserWarning, match="gelu_as_relu"):
         result = sc.check(model, images, output=tmp_path / "run", **arguments)
     assert set(result.to_pandas()["method"]) == {"guided_backprop_gelu_as_relu",
-                                                 "guided_gradcam_gelu_as_relu"}
+                                                 "guided_gradcam_gelu_as_relu", "random_map"}
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["methods"]
     assert [m["params"]["nonlinearity_rule"] for m in recorded] == ["gelu_as_relu"] * 2
     with prepared(model, images, **arguments) as (setup, _):

@@ -157,9 +157,13 @@ class _Figures:
         path = self.folder / relative
         if not path.is_file():
             return ""
+        try:
+            data = base64.b64encode(_webp(path)).decode("ascii")
+        except OSError:  # not an image now (a file the user replaced): left out, said so
+            return (f"<p class=dim>{escape(relative)}: not a readable image; left out of "
+                    "this page</p>")
         self.count += 1
         anchor = f"fig-{self.count}"
-        data = base64.b64encode(_webp(path)).decode("ascii")
         return (f'<figure><a href="#{anchor}"><img class="zoom" id="{anchor}" '
                 f'src="data:image/webp;base64,{data}" alt="{escape(alt)}"></a>'
                 f"<figcaption>{escape(caption)} (click to enlarge)</figcaption></figure>")
