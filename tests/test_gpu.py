@@ -53,6 +53,9 @@ METHODS = [
     "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
     {"name": "smoothgrad", "samples": 8, "noise": 0.15},
     {"name": "vargrad", "samples": 8, "noise": 0.15},
+    "gradcam_plus_plus", {"name": "lrp", "composite": "epsilon_plus"},
+    {"name": "lrp", "composite": "epsilon_gamma_box"}, "deep_taylor", "deeplift",
+    {"name": "occlusion", "window": SIZE // 4, "stride": SIZE // 4},  # 17 forwards an image
 ]
 
 
