@@ -19,7 +19,6 @@ compared.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from saliencycheck.checks import get_check
 from saliencycheck.errors import DataError
+from saliencycheck.report.files import read_rows
 from saliencycheck.verdicts import PASS
 
 Key = tuple[str, str, int, str]  # method, test, stage_index, metric
@@ -67,17 +67,6 @@ class Comparison:
     compared: int  # scores present in both runs
 
 
-def _read(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise DataError(f"{path}: not found; give the output folders of two runs "
-                        "(each holds summary.csv)")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read it ({exc})") from None
-
-
 def check_complete(folder: Path) -> None:
     """Raise DataError unless ``folder`` holds a complete report: run.json present (it is
     written last), readable, and covering every planned unit."""
@@ -101,7 +90,7 @@ def check_complete(folder: Path) -> None:
 
 
 def _means(folder: Path) -> dict[Key, tuple[str, float]]:
-    rows = _read(folder / "summary.csv")
+    rows = read_rows(folder / "summary.csv", required=True)
     try:
         return {(r["method"], r["test"], int(r["stage_index"]), r["metric"]):
                 (r["stage"], float(r["mean"])) for r in rows
@@ -113,7 +102,7 @@ def _means(folder: Path) -> dict[Key, tuple[str, float]]:
 
 def _verdicts(folder: Path) -> dict[tuple[str, str], dict[str, str]]:
     path = folder / "verdicts.csv"
-    return {(r["method"], r["test"]): r for r in _read(path)} if path.is_file() else {}
+    return {(r["method"], r["test"]): r for r in read_rows(path)} if path.is_file() else {}
 
 
 def compare_runs(baseline: Path, new: Path, *, tolerance: float = 0.05) -> Comparison:

@@ -1,1 +1,1 @@
-"""Views of stored results: CSV tables and PNG figures."""
+"""Views of stored results: CSV tables, PNG figures, report.html and the CI job summary."""

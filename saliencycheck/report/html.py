@@ -11,7 +11,6 @@ no URL outside the page; the only script opens the collapsed sections before pri
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import json
 import math
@@ -26,6 +25,7 @@ from PIL import Image
 from saliencycheck.atomic import atomic_write_text
 from saliencycheck.checks import get_check
 from saliencycheck.errors import DataError
+from saliencycheck.report.files import read_rows, read_run_json
 from saliencycheck.results import RANDOM_MAP
 from saliencycheck.verdicts import FAIL, INVALID, PASS
 
@@ -104,37 +104,6 @@ def render(folder: Path, info: dict[str, Any] | None = None) -> str:
 
 
 # -- reading ----------------------------------------------------------------------------------
-
-def read_run_json(folder: Path) -> dict[str, Any]:
-    """run.json of a finished run; DataError naming the fix otherwise."""
-    path = folder / "run.json"
-    if not path.is_file():
-        raise DataError(f"{folder}: no run.json, so no finished report to show (the run did "
-                        "not finish or is still running); finish it with `saliencycheck run "
-                        "CONFIG --resume`")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a saliencycheck run.json ({type(exc).__name__})") \
-            from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: not a saliencycheck run.json (not an object)")
-    return info
-
-
-def read_rows(path: Path, *, required: bool = False) -> list[dict[str, str]]:
-    """The rows of a CSV file of the report ([] when absent and not ``required``)."""
-    if not path.is_file():
-        if required:
-            raise DataError(f"{path}: not found; the folder holds no saliencycheck report "
-                            "(rerun, or give the folder run wrote)")
-        return []
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read it ({exc})") from None
-
 
 def _webp(path: Path) -> bytes:
     """The PNG at ``path`` as lossless WebP: the same pixels in 42 % of the bytes (the

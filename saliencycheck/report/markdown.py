@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saliencycheck.report.html import REPORT_HTML, number_text, outcome, read_rows, read_run_json
+from saliencycheck.report.files import read_rows, read_run_json
+from saliencycheck.report.html import REPORT_HTML, number_text, outcome
 
 MARKS = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "INVALID": "⚪ INVALID"}
 
