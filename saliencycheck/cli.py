@@ -641,13 +641,30 @@ def report(
                                                 "page (default OUTPUT_DIR/report.html).")] = None,
 ) -> None:
     """Write report.html for a stored run, from its files alone (nothing is recomputed)."""
-    from saliencycheck.report.html import write_html_report
+    from saliencycheck.report.html import REPORT_HTML, write_html_report
+    from saliencycheck.runner.lock import FolderLock
+    from saliencycheck.runner.ownership import MANIFEST, STATE_DIR, OutputFolder
 
     try:
         if output is not None and not output.parent.is_dir():
             raise UsageError(f"folder {output.parent} does not exist; create it first or give "
                              "another --output")
-        path = write_html_report(output_dir, output)
+        target = (output or output_dir / REPORT_HTML).resolve()
+        if target.parent != output_dir.resolve():
+            path = write_html_report(output_dir, output)
+        elif (output_dir / STATE_DIR / MANIFEST).is_file():
+            # the run's own folder: written as saliencycheck's file (never over the user's),
+            # so a later run there deletes or replaces it as its own
+            with FolderLock(output_dir):
+                folder = OutputFolder(output_dir)
+                folder.check_free([target.name])
+                path = write_html_report(output_dir, target)
+                folder.record([path])
+        elif target.exists():
+            raise UsageError(f"{target} exists and was not written by saliencycheck (the "
+                             "folder has no manifest); give another path with -o")
+        else:
+            path = write_html_report(output_dir, target)
     except OSError as exc:
         raise fail(UsageError(f"cannot write {output or output_dir} ({exc.strerror or exc}); "
                               "give a path in a writable folder with --output")) from None

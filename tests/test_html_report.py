@@ -293,3 +293,23 @@ def test_progress_in_a_log_is_plain_lines_at_most_every_30_seconds(run_dir: Path
     assert lines[-1].startswith("progress: 100% (10 of 10 steps), 2 work unit(s) done")
     # a run whose standard error is not a terminal (CliRunner) prints such lines
     assert "progress: 100%" in (run_dir.parent / "run-output.txt").read_text()
+
+
+def test_report_written_into_a_run_folder_is_saliencychecks_own(tmp_path: Path) -> None:
+    """A page `report` writes into the run's folder is recorded like the run's files: a later
+    run there replaces it instead of refusing the folder; a file of the user's is never
+    overwritten."""
+    from tests.test_batch import run_cli, write_project
+
+    config = write_project(tmp_path, images=2, output={"html": False})
+    assert run_cli("run", config).exit_code == 0
+    out = tmp_path / "out"
+    assert not (out / "report.html").exists()
+    assert run_cli("report", out).exit_code == 0
+    result = run_cli("run", config)  # the same folder again: report.html is ours to replace
+    assert result.exit_code == 0, result.output
+    assert not (out / "report.html").exists()  # the new run writes none (output.html false)
+    (out / "report.html").write_text("my notes")
+    result = run_cli("report", out)
+    assert result.exit_code == 2 and "was not written by saliencycheck" in result.output
+    assert (out / "report.html").read_text() == "my notes"

@@ -231,7 +231,8 @@ def is_reserved(relative: Path) -> bool:
 def remove_report(store: ResultStore) -> None:
     """Remove the report files saliencycheck wrote (run.json first)."""
     store.folder.remove([RUN_JSON])
-    store.folder.remove(REPORT_FILES, under=REPORT_DIRS)
+    # report.html too when this run writes none (output.html: false): never a stale page
+    store.folder.remove([*REPORT_FILES, REPORT_HTML], under=REPORT_DIRS)
 
 
 def execute(setup: RunSetup, store: ResultStore, units: list[WorkUnit], *, progress: Progress,
