@@ -16,12 +16,19 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from pydantic import BaseModel
 from rich.table import Table
 from torch import Tensor, nn
 
 from saliencycheck.metrics import ReferenceScorer, Scores
-from saliencycheck.randomization import Stage, find_blocks, plan_stages, select_blocks
+from saliencycheck.randomization import (
+    Stage,
+    block_seed,
+    find_blocks,
+    plan_stages,
+    select_blocks,
+)
 from saliencycheck.results import RANDOM_MAP, SummaryRow
 from saliencycheck.verdicts import Verdict, decide
 
@@ -283,6 +290,25 @@ class Check:
                             f"final stage ({view.final}), mean over images"
                             + ("; Δ: above the random-network floor" if shows_floor else ""),
                             floor_cell(rows))
+
+
+def image_places(setup: RunSetup, ids: list[str]) -> list[int]:
+    """Each image's place in the run's image list: what per-image random draws are seeded
+    by, so that no grouping, shard or resume changes them, and files or tensors alike."""
+    wanted = set(ids)
+    places = {ref.id: i for i, ref in enumerate(setup.images) if ref.id in wanted}
+    return [places[image] for image in ids]
+
+
+def seeded_per_image(places: list[int], key: Callable[[int], str], shape: tuple[int, ...], *,
+                     seed: int, device: Any, draw: Callable[..., Tensor]) -> Tensor:
+    """(len(places), *shape): row i drawn by ``draw`` (``torch.rand``, ``torch.randn``) from a
+    generator of its own, seeded by the run's seed and ``key(places[i])``."""
+    rows = []
+    for place in places:
+        generator = torch.Generator(device=device).manual_seed(block_seed(seed, key(place)))
+        rows.append(draw(shape, generator=generator, device=device))
+    return torch.stack(rows)
 
 
 def randomization_plan(model: nn.Module, example: Tensor, section: Any, *, test: str,

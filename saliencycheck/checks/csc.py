@@ -44,9 +44,19 @@ from pydantic import Field, field_validator
 from rich.table import Table
 from torch import Tensor, nn
 
-from saliencycheck.checks.base import TRAINED, Check, Engine, Group, View, fmt, register_check
+from saliencycheck.checks.base import (
+    TRAINED,
+    Check,
+    Engine,
+    Group,
+    View,
+    fmt,
+    image_places,
+    register_check,
+    seeded_per_image,
+)
 from saliencycheck.metrics import Scores
-from saliencycheck.randomization import ROOT_NAME, block_seed, find_blocks, select_blocks
+from saliencycheck.randomization import ROOT_NAME, find_blocks, select_blocks
 from saliencycheck.results import COSINE_SIMILARITY
 from saliencycheck.sections import MAX_SAMPLES, Granularity, Section, at_most
 
@@ -158,12 +168,8 @@ class _Rescale:
 def random_vectors(places: list[int], block: str, shape: tuple[int, ...], samples: int, *,
                    seed: int, device: torch.device) -> Tensor:
     """(len(places) · samples, *shape) N(0, 1): image ``places[i]``'s vectors at ``block``."""
-    out = []
-    for place in places:
-        generator = torch.Generator(device=device).manual_seed(
-            block_seed(seed, f"csc/{place}/{block}"))
-        out.append(torch.randn((samples, *shape), generator=generator, device=device))
-    return torch.cat(out)
+    return seeded_per_image(places, lambda place: f"csc/{place}/{block}", (samples, *shape),
+                            seed=seed, device=device, draw=torch.randn).flatten(0, 1)
 
 
 def mean_pairwise_cosine(maps: Tensor, samples: int) -> tuple[Tensor, tuple[str, ...]]:
@@ -223,8 +229,7 @@ class CosineSimilarityConvergence(Check):
         injections: list[Injection] = setup.plans[self.name]
         samples = section.samples
         model = engine.model()
-        wanted = set(group.ids)
-        places = {ref.id: i for i, ref in enumerate(setup.images) if ref.id in wanted}
+        places = image_places(setup, group.ids)
         per_pass = max(1, setup.context.chunk_size // samples)
         vectors_done = False
         for method in setup.methods:
@@ -241,9 +246,8 @@ class CosineSimilarityConvergence(Check):
             vectors: dict[int, list[tuple[Tensor, tuple[str, ...]]]] = {}
             for start in range(0, len(group.ids), per_pass):
                 rows = slice(start, start + per_pass)
-                ids = group.ids[rows]
                 for index, (maps, figure) in self._convergence(
-                        model, rule, group.inputs[rows], [places[i] for i in ids],
+                        model, rule, group.inputs[rows], places[rows],
                         injections, samples, seed=setup.config.runtime.seed).items():
                     found.setdefault(index, []).append(maps)
                     vectors.setdefault(index, []).append(figure)

@@ -20,21 +20,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saliencycheck.checks.base import TRAINED, Check, Engine, Group, StageRef, register_check
+from saliencycheck.checks.base import (
+    TRAINED,
+    Check,
+    Engine,
+    Group,
+    StageRef,
+    image_places,
+    register_check,
+    seeded_per_image,
+)
 from saliencycheck.metrics import ReferenceScorer
-from saliencycheck.randomization import block_seed
 from saliencycheck.results import RANDOM_MAP
 
 
 def control_maps(images: list[int], state: str, size: tuple[int, int], *, seed: int,
                  device: torch.device) -> Tensor:
     """(N, 1, H, W) U(0, 1) noise, row i drawn from (seed, ``images[i]``, state)."""
-    maps = []
-    for image in images:
-        generator = torch.Generator(device=device).manual_seed(
-            block_seed(seed, f"random_map/{image}/{state}"))
-        maps.append(torch.rand((1, *size), generator=generator, device=device))
-    return torch.stack(maps)
+    return seeded_per_image(images, lambda image: f"random_map/{image}/{state}", (1, *size),
+                            seed=seed, device=device, draw=torch.rand)
 
 
 def controlled(check: Check) -> bool:
@@ -69,9 +73,7 @@ class RandomMap(Check):
         if not tests:
             return
         seed, size = setup.config.runtime.seed, tuple(group.inputs.shape[2:])
-        wanted = set(group.ids)
-        places = {ref.id: i for i, ref in enumerate(setup.images) if ref.id in wanted}
-        images = [places[image] for image in group.ids]
+        images = image_places(setup, group.ids)
 
         def draw(state: str) -> Tensor:
             return control_maps(images, state, size, seed=seed, device=group.inputs.device)

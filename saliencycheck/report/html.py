@@ -118,8 +118,9 @@ def _webp(path: Path) -> bytes:
 class _Figures:
     """The folder's PNG figures, embedded once each as data URIs with a stable anchor."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, anchors: str = "fig") -> None:
         self.folder = folder
+        self.anchors = anchors  # the prefix of the figures' anchors (two runs on one page)
         self.count = 0
 
     def figure(self, relative: str, caption: str, alt: str) -> str:
@@ -132,7 +133,7 @@ class _Figures:
             return (f"<p class=dim>{escape(relative)}: not a readable image; left out of "
                     "this page</p>")
         self.count += 1
-        anchor = f"fig-{self.count}"
+        anchor = f"{self.anchors}-{self.count}"
         return (f'<figure><a href="#{anchor}"><img class="zoom" id="{anchor}" '
                 f'src="data:image/webp;base64,{data}" alt="{escape(alt)}"></a>'
                 f"<figcaption>{escape(caption)} (click to enlarge)</figcaption></figure>")
@@ -399,8 +400,7 @@ def render_diff(baseline: Path, new: Path, comparison: Any, tolerance: float) ->
         parts.append('<section><h2>Verdicts</h2><table><thead><tr><th scope="col">method</th>'
                      '<th scope="col">test</th><th scope="col">baseline</th><th scope="col">'
                      f"new</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
-    old_figures, new_figures = _Figures(baseline), _Figures(new)
-    new_figures.count = 10_000  # anchors of the two runs' figures stay distinct
+    old_figures, new_figures = _Figures(baseline, "baseline"), _Figures(new, "new")
     tests = list(dict.fromkeys(r["test"] for r in read_rows(new / "summary.csv")))
     for test in tests:
         check = get_check(test)

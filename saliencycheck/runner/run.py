@@ -340,10 +340,11 @@ def write_outputs(setup: RunSetup, store: ResultStore, *, units_total: int,
                     validity=validity,
                     report_files=sorted(store.folder.relative(path) for path in written),
                     interrupted=interrupted)
+    text = json.dumps(info, indent=2, default=_json_default)
     if setup.config.output.html:  # from the files just written and run.json's content
-        write_html_report(out, info=json.loads(json.dumps(info, default=_json_default)))
+        write_html_report(out, info=json.loads(text))
         store.folder.record([out / REPORT_HTML])
-    atomic_write_text(out / RUN_JSON, json.dumps(info, indent=2, default=_json_default))
+    atomic_write_text(out / RUN_JSON, text)
     store.folder.record([out / RUN_JSON])
     store.folder.settle()
     return RunResult(output_dir=out, summary=summary, skipped=stored.skipped,
