@@ -376,9 +376,11 @@ class PlainProgress:
         self.total = total if total is not None else self.total
         if description is not None:
             unit = description.split(":")[0]
-            if self.unit is not None and unit != self.unit:
-                self.units += 1  # the previous unit finished
-            self.unit, self.text = unit, description
+            if unit.startswith("unit-"):  # not the set-up before the units (label models)
+                if self.unit is not None and unit != self.unit:
+                    self.units += 1  # the previous unit finished
+                self.unit = unit
+            self.text = description
         if self.clock() - self.last >= self.interval:
             self._line()
 
@@ -388,8 +390,8 @@ class PlainProgress:
         elapsed = now - self.started
         share = self.done / self.total if self.total else 0.0
         left = f", about {_duration(elapsed / share - elapsed)} left" if 0 < share < 1 else ""
-        total = f"{self.total:g}" if self.total else "?"
-        self.console.print(f"progress: {share:.0%} ({self.done:g} of {total} "
+        total = f"{self.total:.0f}" if self.total else "?"
+        self.console.print(f"progress: {share:.0%} ({self.done:.0f} of {total} "
                            f"steps), {self.units} work unit(s) done, now {self.text}; elapsed "
                            f"{_duration(elapsed)}{left}", highlight=False, soft_wrap=True)
 

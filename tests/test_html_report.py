@@ -283,6 +283,7 @@ def test_progress_in_a_log_is_plain_lines_at_most_every_30_seconds(run_dir: Path
     out = io.StringIO()
     with PlainProgress(Console(file=out, width=200), clock=lambda: now[0]) as bar:
         task = bar.add_task("running", total=None)
+        bar.update(task, description="label randomization: training")  # not a unit
         for step in range(10):
             now[0] += 10.0
             bar.update(task, advance=1, total=10, description=f"unit-0000{step // 5}: images")
